@@ -1,0 +1,33 @@
+"""Shared pytest fixtures: repository paths and the shared real data (skipped when absent)."""
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """../shared/reference: the release's state-dict layouts and BEHAVIOUR.md."""
+    path = SHARED / "reference"
+    if not (path / "state_dict_keys.json").is_file():
+        pytest.skip(f"release reference files not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def camvid_root() -> Path:
+    """../shared/data/camvid: real CamVid images (11 classes); CI has it, a lone clone may not."""
+    path = SHARED / "data" / "camvid"
+    if not (path / "train.txt").is_file():
+        pytest.skip(f"CamVid not found at {path}")
+    return path

@@ -1,0 +1,194 @@
+"""Config loading: release layout, overrides, type checks and the error messages."""
+import glob
+
+import pytest
+
+from util.config import ConfigError, check_device_support, dump_cfg, load_cfg, parse_value
+
+PYCONV50 = "config/ade20k/ade20k_pyconvresnet50_pyconvsegnet.yaml"
+
+# The release's layout, with its absolute paths and apex keys, must load unchanged.
+RELEASE_LAYOUT_YAML = """\
+DATA:
+  data_root: /raid/data/datasets/semanticSegmentation/ade20k
+  train_list: /raid/data/datasets/semanticSegmentation/ade20k/list/training.txt
+  val_list: /raid/data/datasets/semanticSegmentation/ade20k/list/validation.txt
+  classes: 150
+TRAIN:
+  arch: pyconvsegnet
+  backbone_net: pyconvresnet
+  layers: 50
+  sync_bn: True
+  train_h: 473
+  train_w: 473
+  scale_min: 0.5
+  scale_max: 2.0
+  rotate_min: -10
+  rotate_max: 10
+  zoom_factor: 8
+  ignore_label: 255
+  aux_weight: 0.4
+  train_gpu: [0, 1, 2, 3, 4, 5, 6, 7]
+  workers: 16
+  batch_size: 16
+  batch_size_val: 16
+  base_lr: 0.01
+  epochs: 100
+  start_epoch: 0
+  power: 0.9
+  momentum: 0.9
+  weight_decay: 0.0001
+  manual_seed: 1
+  print_freq: 10
+  save_freq: 1
+  save_path: exp/ade20k/ade20k_pyconvresnet50_pyconvsegnet/model
+  weight:
+  resume:
+  evaluate: True
+  pretrained: /raid/tmp/pyconvresnet50.pth
+  use_ppm: False
+  backbone_output_stride: 8
+Distributed:
+  dist_url: tcp://127.0.0.1:6789
+  dist_backend: 'nccl'
+  multiprocessing_distributed: True
+  world_size: 1
+  rank: 0
+  use_apex: True
+  opt_level: 'O0'
+  keep_batchnorm_fp32:
+  loss_scale:
+TEST:
+  test_list: /raid/data/datasets/semanticSegmentation/ade20k/list/validation.txt
+  split: val
+  base_size: 512
+  test_h: 473
+  test_w: 473
+  scales: [1.0]
+  has_prediction: False
+  index_start: 0
+  index_step: 0
+  test_gpu: [0]
+  model_path: exp/ade20k/ade20k_pyconvresnet50_pyconvsegnet/model/train_epoch_100.pth
+  save_folder: exp/ade20k/ade20k_pyconvresnet50_pyconvsegnet/result/epoch_100/val/ss
+  colors_path: dataset/ade20k/ade20k_colors.txt
+  names_path: dataset/ade20k/ade20k_names.txt
+  best_mIoU_model_path: exp/ade20k/ade20k_pyconvresnet50_pyconvsegnet/model/best_mIoU.pth
+  best_mIoU_save_folder: exp/ade20k/ade20k_pyconvresnet50_pyconvsegnet/result/best_mIoU/val/ss
+"""
+
+
+def write(tmp_path, text, name="cfg.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_release_layout_loads_flat(tmp_path):
+    cfg = load_cfg(write(tmp_path, RELEASE_LAYOUT_YAML))
+    assert cfg.backbone_net == "pyconvresnet" and cfg["layers"] == 50
+    assert cfg.weight is None and cfg.resume is None and cfg.keep_batchnorm_fp32 is None
+    assert cfg.train_gpu == [0, 1, 2, 3, 4, 5, 6, 7]
+    # keys the release did not have take their defaults
+    assert cfg.precision == "fp32" and cfg.test_batch_size == 8
+    assert isinstance(cfg.to_dict(), dict) and not isinstance(cfg.to_dict(), type(cfg))
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob("config/*/*.yaml")))
+def test_repo_configs_load_with_relative_paths(path):
+    cfg = load_cfg(path)
+    for key in ("data_root", "train_list", "val_list", "test_list", "save_path", "names_path", "colors_path"):
+        assert cfg[key] and not str(cfg[key]).startswith("/"), key
+    assert (cfg.base_lr, cfg.power, cfg.momentum, cfg.weight_decay, cfg.aux_weight) == (0.01, 0.9, 0.9, 0.0001, 0.4)
+    if "ade20k" in path:
+        assert (cfg.classes, cfg.train_h, cfg.batch_size, cfg.epochs, cfg.base_size) == (150, 473, 16, 100, 512)
+        assert cfg.data_root == "data/ade20k/ADEChallengeData2016"
+        assert cfg.train_list.endswith("list/training.txt") and cfg.val_list.endswith("list/validation.txt")
+
+
+def test_all_ade20k_backbone_configs_exist():
+    for backbone in ("resnet", "pyconvresnet", "pyconvhgresnet"):
+        for layers in (50, 101, 152):
+            cfg = load_cfg(f"config/ade20k/ade20k_{backbone}{layers}_pyconvsegnet.yaml")
+            assert (cfg.arch, cfg.backbone_net, cfg.layers) == ("pyconvsegnet", backbone, layers)
+    cfg = load_cfg("config/ade20k/ade20k_resnet50_pspnet.yaml")
+    assert (cfg.arch, cfg.backbone_net, cfg.layers) == ("psp", "resnet", 50)
+
+
+def test_overrides_are_literals_and_type_checked():
+    cfg = load_cfg(PYCONV50, ["layers", "101", "base_lr", "0.02", "scales", "[0.5, 1.0]", "sync_bn", "False",
+                              "train_h", "65", "train_w", "65", "test_h", "65", "test_w", "65"])
+    assert cfg.layers == 101 and cfg.base_lr == 0.02 and cfg.scales == [0.5, 1.0] and cfg.sync_bn is False
+    assert load_cfg(PYCONV50, ["base_lr", "1"]).base_lr == 1.0  # int where a float is expected is fine
+    assert load_cfg(PYCONV50, ["scales", "1.0"]).scales == [1.0]
+    with pytest.raises(ConfigError, match=r"'layers' must be of type int"):
+        load_cfg(PYCONV50, ["layers", "fifty"])
+    with pytest.raises(ConfigError, match=r"'sync_bn' must be of type bool"):
+        load_cfg(PYCONV50, ["sync_bn", "1"])
+
+
+def test_empty_yaml_value_accepts_any_type_and_null_means_none():
+    cfg = load_cfg(PYCONV50, ["weight", "exp/x.pth", "resume", "auto"])
+    assert cfg.weight == "exp/x.pth" and cfg.resume == "auto"
+    cfg = load_cfg(PYCONV50, ["pretrained", "''", "best_mIoU_model_path", "null"])
+    assert cfg.pretrained is None and cfg.best_mIoU_model_path is None
+    assert load_cfg(PYCONV50, ["manual_seed", "7"]).manual_seed == 7
+    assert parse_value("None") is None and parse_value("") is None and parse_value("abc") == "abc"
+
+
+def test_unknown_override_names_nearest_key():
+    with pytest.raises(ConfigError, match=r"unknown config key 'bse_lr'.*did you mean 'base_lr'"):
+        load_cfg(PYCONV50, ["bse_lr", "0.1"])
+    with pytest.raises(ConfigError, match="KEY VALUE pairs"):
+        load_cfg(PYCONV50, ["layers"])
+
+
+def test_unknown_yaml_key_and_section_name_nearest(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'zoom_facter'.*did you mean 'zoom_factor'"):
+        load_cfg(write(tmp_path, "TRAIN:\n  zoom_facter: 8\n"))
+    with pytest.raises(ConfigError, match=r"unknown section 'TRIAN'.*did you mean 'TRAIN'"):
+        load_cfg(write(tmp_path, "TRIAN:\n  layers: 50\n"))
+    with pytest.raises(ConfigError, match="not found"):
+        load_cfg(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_cfg(write(tmp_path, "TRAIN: [\n"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["layers", "34"], r"layers must be one of \[50, 101, 152\]"),
+    (["zoom_factor", "3"], r"zoom_factor must be one of \[1, 2, 4, 8\]"),
+    (["train_h", "472"], r"train_h must satisfy \(train_h - 1\) % 8 == 0"),
+    (["test_w", "100"], r"test_w must satisfy"),
+    (["classes", "1"], r"classes must be an integer >= 2"),
+    (["arch", "deeplab"], r"arch 'deeplab' is not one of"),
+    (["backbone_net", "pyconvresnt"], r"backbone_net 'pyconvresnt' is not one of .*did you mean 'pyconvresnet'"),
+    (["backbone_output_stride", "4"], r"backbone_output_stride must be one of \[8, 16, 32\]"),
+    (["precision", "fp8"], r"precision must be one of"),
+    (["split", "dev"], r"split must be one of"),
+    (["scale_min", "3.0"], r"scale_min <= scale_max"),
+    (["batch_size", "0"], r"batch_size must be an integer >= 1"),
+])
+def test_invalid_values_say_what_is_allowed(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_cfg(PYCONV50, overrides)
+
+
+def test_fp16_needs_cuda():
+    cfg = load_cfg(PYCONV50, ["precision", "fp16"])
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        check_device_support(cfg, "cpu")
+    check_device_support(cfg, "cuda")
+    check_device_support(load_cfg(PYCONV50, ["precision", "bf16"]), "cpu")
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = load_cfg(PYCONV50, ["layers", "152", "resume", "auto"])
+    out = tmp_path / "copy.yaml"
+    dump_cfg(cfg, str(out))
+    assert load_cfg(str(out)) == cfg
+
+
+def test_attribute_errors_suggest():
+    cfg = load_cfg(PYCONV50)
+    with pytest.raises(AttributeError, match="did you mean 'base_lr'"):
+        cfg.baselr
