@@ -1,0 +1,250 @@
+"""tool/test.py end to end on a tiny synthetic dataset (and 2 real CamVid images), tool/test.sh, tool/demo.py."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from util.config import load_cfg
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CLASSES = 3
+IMAGE_SIZES = [(60, 80), (80, 60), (50, 50), (70, 90)]  # (h, w): padded, multi-window, portrait, landscape
+
+
+def _independent_metrics(gray_maps, labels, num_classes):
+    """Scores computed directly with numpy, without util.metrics."""
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    for gray, label in zip(gray_maps, labels):
+        keep = label != 255
+        cm += np.bincount(label[keep].astype(np.int64) * num_classes + gray[keep], minlength=num_classes ** 2
+                          ).reshape(num_classes, num_classes)
+    inter = np.diag(cm).astype(float)
+    union = cm.sum(0) + cm.sum(1) - inter
+    iou = [inter[c] / union[c] if union[c] else None for c in range(num_classes)]
+    acc = [inter[c] / cm[c].sum() if cm[c].sum() else None for c in range(num_classes)]
+    return dict(iou=iou, acc=acc, mIoU=np.mean([v for v in iou if v is not None]),
+                mAcc=np.mean([v for v in acc if v is not None]), allAcc=inter.sum() / cm.sum(), cm=cm)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """A 4-image dataset, its list, names/colors, a config and a release-format checkpoint."""
+    root = tmp_path_factory.mktemp("synthetic")
+    rng = np.random.default_rng(0)
+    lines = []
+    for index, (h, w) in enumerate(IMAGE_SIZES):
+        image = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+        label = rng.integers(0, CLASSES, size=(h, w)).astype(np.uint8)
+        label[: h // 6] = 255
+        (root / "images").mkdir(exist_ok=True)
+        (root / "annotations").mkdir(exist_ok=True)
+        cv2.imwrite(str(root / "images" / f"img{index}.png"), image)
+        cv2.imwrite(str(root / "annotations" / f"img{index}.png"), label)
+        lines.append(f"images/img{index}.png annotations/img{index}.png")
+    (root / "val.txt").write_text("\n".join(lines) + "\n")
+    (root / "test.txt").write_text("\n".join(line.split()[0] for line in lines) + "\n")
+    (root / "names.txt").write_text("alpha\nbeta\ngamma\n")
+    (root / "colors.txt").write_text("255 0 0\n0 255 0\n0 0 255\n")
+
+    config = {
+        "DATA": {"data_root": str(root), "classes": CLASSES},
+        # Output stride 32 keeps the ResNet-50 cheap on 2 shared CPU cores; the inference path is the same.
+        "TRAIN": {"arch": "pyconvsegnet", "backbone_net": "resnet", "layers": 50, "backbone_output_stride": 32,
+                  "train_h": 65, "train_w": 65},
+        "TEST": {"test_list": str(root / "val.txt"), "split": "val", "base_size": 96, "test_h": 65,
+                 "test_w": 65, "scales": [1.0], "test_batch_size": 3, "device": "cpu",
+                 "model_path": str(root / "model.pth"), "save_folder": str(root / "out"),
+                 "colors_path": str(root / "colors.txt"), "names_path": str(root / "names.txt"),
+                 "best_mIoU_model_path": None},
+    }
+    config_path = root / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+
+    from model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(load_cfg(str(config_path)))
+    with torch.no_grad():  # calibrate the random classifier so that every class wins somewhere
+        model.eval()
+        model.cls[-1].weight.mul_(20.0)
+        logits = model(torch.randn(2, 3, 65, 65))
+        model.cls[-1].bias.sub_(logits.mean(dim=(0, 2, 3)))
+    torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}, "epoch": 1},
+               root / "model.pth")
+    return root
+
+
+def _argv(root, *overrides):
+    return ["--config", str(root / "config.yaml"), *[str(o) for o in overrides]]
+
+
+def _check_outputs_and_metrics(root, save_folder, num_classes=CLASSES, names=None, with_color=True):
+    entries = [line.split() for line in (root / "val.txt").read_text().split("\n") if line]
+    grays, labels = [], []
+    for image_rel, label_rel in entries:
+        name = Path(image_rel).stem
+        gray = cv2.imread(str(save_folder / "gray" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
+        label = cv2.imread(str(root / label_rel), cv2.IMREAD_UNCHANGED)
+        assert gray.dtype == np.uint8 and gray.shape == label.shape
+        if with_color:
+            color = cv2.imread(str(save_folder / "color" / f"{name}.png"), cv2.IMREAD_COLOR)
+            assert color.shape == label.shape + (3,)
+        assert gray.max() < num_classes
+        grays.append(gray)
+        labels.append(label)
+    metrics = json.loads((save_folder / "metrics.json").read_text())
+    expected = _independent_metrics(grays, labels, num_classes)
+    assert metrics["num_images"] == len(entries)
+    assert metrics["confusion_matrix"] == expected["cm"].tolist()
+    for key in ("iou", "acc"):
+        for got, want in zip(metrics[key], expected[key]):
+            assert (got is None and want is None) or got == pytest.approx(want, abs=1e-12)
+    for key in ("mIoU", "mAcc", "allAcc"):
+        assert metrics[key] == pytest.approx(expected[key], abs=1e-12)
+    if names is not None:
+        assert metrics["names"] == names
+    return metrics, grays
+
+
+def test_end_to_end_val_best_model_and_has_prediction(synthetic):
+    from tool.test import main
+
+    out, best = synthetic / "out", synthetic / "best"
+    assert main(_argv(synthetic, "best_mIoU_model_path", synthetic / "model.pth",
+                      "best_mIoU_save_folder", best)) == 0
+    metrics, grays = _check_outputs_and_metrics(synthetic, out, names=["alpha", "beta", "gamma"])
+    assert len({int(v) for g in grays for v in np.unique(g)}) >= 2, "degenerate prediction: test is too weak"
+    assert metrics["scales"] == [1.0] and metrics["crop_size"] == [65, 65] and metrics["split"] == "val"
+    best_metrics, _ = _check_outputs_and_metrics(synthetic, best)
+    assert best_metrics["confusion_matrix"] == metrics["confusion_matrix"]
+
+    # The written colour map is the palette of the gray map.
+    gray0 = grays[0]
+    color0 = cv2.cvtColor(cv2.imread(str(out / "color" / "img0.png")), cv2.COLOR_BGR2RGB)
+    palette = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint8)
+    assert np.array_equal(color0, palette[gray0])
+
+    # has_prediction: score edited gray maps without any model (model_path does not even exist).
+    scored = synthetic / "scored"
+    shutil.copytree(out / "gray", scored / "gray")
+    edited = np.zeros_like(gray0)
+    cv2.imwrite(str(scored / "gray" / "img0.png"), edited)
+    assert main(_argv(synthetic, "has_prediction", "True", "model_path", synthetic / "missing.pth",
+                      "save_folder", scored)) == 0
+    rescored, _ = _check_outputs_and_metrics(synthetic, scored, with_color=False)
+    assert rescored["confusion_matrix"] != metrics["confusion_matrix"]
+    assert rescored["model_path"] is None and not (scored / "color").exists()
+
+
+def test_test_split_index_range_and_errors(synthetic):
+    from tool.test import main
+    from util.checkpoint import CheckpointError
+
+    out = synthetic / "test_split"
+    assert main(_argv(synthetic, "split", "test", "test_list", synthetic / "test.txt", "save_folder", out,
+                      "index_start", 1, "index_step", 2)) == 0
+    assert sorted(p.name for p in (out / "gray").iterdir()) == ["img1.png", "img2.png"]
+    assert sorted(p.name for p in (out / "color").iterdir()) == ["img1.png", "img2.png"]
+    assert not (out / "metrics.json").exists()
+    with pytest.raises(CheckpointError, match="missing.pth"):
+        main(_argv(synthetic, "model_path", synthetic / "missing.pth", "save_folder", synthetic / "x"))
+    assert not (synthetic / "x").exists()
+
+
+def _run(cmd, **kwargs):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def test_two_process_torchrun_equals_single_process(synthetic):
+    """Two processes (Gloo, CPU) split the images; the summed confusion matrix equals one process's.
+    Both runs use one thread per process so the convolutions compute identically."""
+    pytest.importorskip("torch.distributed.run")
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    single, double = synthetic / "single", synthetic / "double"
+    result = _run([sys.executable, "tool/test.py", *_argv(synthetic, "save_folder", single)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   "tool/test.py", *_argv(synthetic, "save_folder", double)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    one = json.loads((single / "metrics.json").read_text())
+    two = json.loads((double / "metrics.json").read_text())
+    assert one == two
+    for name in ("img0", "img1", "img2", "img3"):
+        assert np.array_equal(cv2.imread(str(single / "gray" / f"{name}.png"), cv2.IMREAD_UNCHANGED),
+                              cv2.imread(str(double / "gray" / f"{name}.png"), cv2.IMREAD_UNCHANGED))
+    assert "Eval result" in result.stdout and "2 process(es)" in result.stdout
+
+
+def test_camvid_two_val_images(camvid_root, synthetic, tmp_path):
+    from model import build_model
+    from tool.test import main
+
+    overrides = ["data_root", camvid_root, "test_list", camvid_root / "val.txt", "classes", 11,
+                 "names_path", REPO_ROOT / "config/camvid/camvid_names.txt",
+                 "colors_path", REPO_ROOT / "config/camvid/camvid_colors.txt",
+                 "index_step", 2, "save_folder", tmp_path / "out", "model_path", tmp_path / "camvid.pth"]
+    torch.manual_seed(1)
+    model = build_model(load_cfg(str(synthetic / "config.yaml"), [str(o) for o in overrides]))
+    torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}}, tmp_path / "camvid.pth")
+    assert main(_argv(synthetic, *overrides)) == 0
+
+    val_lines = [line.split() for line in (camvid_root / "val.txt").read_text().splitlines() if line.strip()][:2]
+    grays, labels = [], []
+    for image_rel, label_rel in val_lines:
+        gray = cv2.imread(str(tmp_path / "out" / "gray" / f"{Path(image_rel).stem}.png"), cv2.IMREAD_UNCHANGED)
+        label = cv2.imread(str(camvid_root / label_rel), cv2.IMREAD_UNCHANGED)
+        assert gray.shape == label.shape == (360, 480)
+        grays.append(gray)
+        labels.append(label)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    expected = _independent_metrics(grays, labels, 11)
+    assert metrics["num_images"] == 2 and metrics["names"][0] == "sky" and len(metrics["iou"]) == 11
+    assert metrics["confusion_matrix"] == expected["cm"].tolist()
+    assert metrics["mIoU"] == pytest.approx(expected["mIoU"]) and metrics["allAcc"] == pytest.approx(expected["allAcc"])
+
+
+def test_test_sh_usage_and_invocation(tmp_path):
+    """The wrapper's argument handling, with a stub interpreter in a scratch copy of the layout."""
+    usage = subprocess.run(["bash", str(REPO_ROOT / "tool/test.sh")], capture_output=True, text=True)
+    assert usage.returncode != 0 and "usage" in usage.stderr
+    (tmp_path / "tool").mkdir()
+    shutil.copy(REPO_ROOT / "tool/test.sh", tmp_path / "tool/test.sh")
+    (tmp_path / "config/toy").mkdir(parents=True)
+    (tmp_path / "config/toy/toy_net.yaml").write_text("DATA:\n  classes: 3\n")
+    stub = tmp_path / "stub.sh"
+    stub.write_text("#!/usr/bin/env bash\necho \"ARGS $*\"\n")
+    stub.chmod(0o755)
+    result = subprocess.run(["bash", str(tmp_path / "tool/test.sh"), "toy", "net", "scales", "[1.0]"],
+                            env=dict(os.environ, PYTHON=str(stub)), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "ARGS -u tool/test.py --config config/toy/toy_net.yaml scales [1.0]" in result.stdout
+    assert (tmp_path / "exp/toy/net/toy_net.yaml").is_file()
+    logs = list((tmp_path / "exp/toy/net/result").glob("test-*.log"))
+    assert len(logs) == 1 and "ARGS" in logs[0].read_text()
+    missing = subprocess.run(["bash", str(tmp_path / "tool/test.sh"), "toy", "nope"], capture_output=True, text=True)
+    assert missing.returncode != 0 and "config not found" in missing.stderr
+
+
+def test_demo_writes_three_pngs(synthetic, tmp_path):
+    from tool.demo import main
+
+    assert main(_argv(synthetic, "--image", synthetic / "images/img0.png", "--output", tmp_path)) == 0
+    from util.inference import inference_kwargs, load_inference_model, predict_multiscale
+
+    gray = cv2.imread(str(tmp_path / "img0_gray.png"), cv2.IMREAD_UNCHANGED)
+    cfg = load_cfg(str(synthetic / "config.yaml"))
+    model = load_inference_model(cfg, cfg.model_path, torch.device("cpu"))
+    image = cv2.cvtColor(cv2.imread(str(synthetic / "images/img0.png")), cv2.COLOR_BGR2RGB).astype(np.float32)
+    assert np.array_equal(gray, predict_multiscale(model, image, **inference_kwargs(cfg)).numpy())
+    for kind in ("color", "overlay"):
+        assert cv2.imread(str(tmp_path / f"img0_{kind}.png")).shape == (60, 80, 3)

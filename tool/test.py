@@ -1,0 +1,226 @@
+"""Evaluate a trained model as the release's test script did, faster and on any device.
+
+    python tool/test.py --config config/ade20k/ade20k_pyconvresnet50_pyconvsegnet.yaml [KEY VALUE ...]
+    torchrun --nproc_per_node=N tool/test.py --config ...      # images split across processes
+
+For every image of ``test_list`` (from ``index_start``, ``index_step`` images; 0 = to the end) it
+predicts with multi-scale flipped sliding windows (util/inference.py) and writes
+``save_folder/gray/NAME.png`` (class ids) and ``save_folder/color/NAME.png``. For split ``val`` or
+``train`` it scores the predictions against the labels and writes ``save_folder/metrics.json``
+(mIoU, mAcc, allAcc, per-class IoU/accuracy with names; NaN as null). Split ``test`` only predicts.
+With ``has_prediction True`` the gray maps already in the save folder are scored and no model is built.
+When ``best_mIoU_model_path`` is set, the same is repeated for it into ``best_mIoU_save_folder``.
+
+Under torchrun (WORLD_SIZE > 1) rank r takes images r, r + N, ...; confusion matrices are summed
+over processes, so the scores equal a single-process run's; rank 0 prints and writes them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from util.checkpoint import CheckpointError  # noqa: E402
+from util.config import ConfigError, check_device_support, parse_cli  # noqa: E402
+from util.dataset import DataError, load_image, load_label, read_colors, read_list, read_names  # noqa: E402
+from util.inference import inference_kwargs, load_inference_model, predict_multiscale  # noqa: E402
+from util.metrics import confusion_matrix, metrics_from_confusion, nan_to_none  # noqa: E402
+from util.misc import format_seconds, get_logger, select_device  # noqa: E402
+from util.visualize import colorize, default_palette, save_gray, save_rgb  # noqa: E402
+
+LOG_EVERY = 10  # images between progress lines (as the release)
+
+
+def select_items(items: Sequence, index_start: int, index_step: int) -> list:
+    """``items[index_start : index_start + index_step]`` (``index_step`` 0 = to the end), as the release."""
+    end = len(items) if not index_step else min(index_start + index_step, len(items))
+    return list(items[index_start:end])
+
+
+def image_names(entries: Sequence[Tuple[str, Optional[str]]]) -> List[str]:
+    """Output names (image file name without extension); duplicates would overwrite each other."""
+    names = [Path(image_path).stem for image_path, _ in entries]
+    seen = {}
+    for name, (image_path, _) in zip(names, entries):
+        if name in seen:
+            raise DataError(f"two images of the list would write the same output name '{name}': "
+                            f"{seen[name]} and {image_path}")
+        seen[name] = image_path
+    return names
+
+
+def _runs(cfg) -> List[Tuple[Optional[str], str]]:
+    """(model path, save folder) pairs to evaluate: ``model_path`` and, when set, ``best_mIoU_model_path``."""
+    if not cfg.save_folder:
+        raise ConfigError("save_folder must be set (predictions and metrics are written there)")
+    runs = [(cfg.model_path, cfg.save_folder)]
+    if cfg.best_mIoU_model_path:
+        if not cfg.best_mIoU_save_folder:
+            raise ConfigError("best_mIoU_model_path is set but best_mIoU_save_folder is empty "
+                              "(set it, or set best_mIoU_model_path to '' to skip)")
+        runs.append((cfg.best_mIoU_model_path, cfg.best_mIoU_save_folder))
+    if not cfg.has_prediction:
+        for model_path, _ in runs:
+            if not model_path:
+                raise ConfigError("model_path must be set (or has_prediction True to score saved predictions)")
+            if not os.path.isfile(model_path):
+                raise CheckpointError(f"checkpoint file {model_path} does not exist (set model_path / "
+                                      f"best_mIoU_model_path, or '' to skip the best model)")
+    return runs
+
+
+def _setup_distributed(cfg):
+    """(rank, world_size, device, context or None). torchrun with WORLD_SIZE > 1 joins a process group."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from util.distributed import init_distributed
+
+        context = init_distributed(cfg)
+        return context.rank, context.world_size, context.device, context
+    return 0, 1, select_device(cfg.device), None
+
+
+def evaluate_run(cfg, model_path: Optional[str], save_folder: str, entries, names, device: torch.device,
+                 rank: int, world_size: int, logger, model=None):
+    """Predict (or read saved predictions) for this process's share of ``entries`` and score them.
+
+    Returns ``(metrics dict or None, model)``; the model is returned for reuse by the next run.
+    """
+    labelled = cfg.split != "test"
+    gray_folder = Path(save_folder) / "gray"
+    color_folder = Path(save_folder) / "color"
+    palette = (read_colors(cfg.colors_path, cfg.classes) if cfg.colors_path else default_palette(cfg.classes))
+    kwargs = inference_kwargs(cfg)
+
+    if not cfg.has_prediction:
+        if model is None:
+            model = load_inference_model(cfg, model_path, device)
+        else:
+            from util.checkpoint import load_model_weights
+
+            load_model_weights(model, model_path)
+            model.eval()
+        logger.info(f"=> loaded weights {model_path}; scales {kwargs['scales']}, base_size {cfg.base_size}, "
+                    f"crop {kwargs['crop_size']}, {kwargs['batch_size']} windows per forward, device {device}")
+
+    my_indices = list(range(rank, len(entries), world_size))
+    total_cm = torch.zeros((cfg.classes, cfg.classes), dtype=torch.int64, device=device)
+    start = time.time()
+    for done, index in enumerate(my_indices, 1):
+        image_path, label_path = entries[index]
+        name = names[index]
+        gray_path = gray_folder / f"{name}.png"
+        if cfg.has_prediction:
+            if not gray_path.is_file():
+                raise DataError(f"has_prediction is True but the prediction {gray_path} does not exist "
+                                f"(for image {image_path})")
+            gray = load_label(gray_path)
+        else:
+            image = load_image(image_path, where=f"list {cfg.test_list}")
+            prediction = predict_multiscale(model, image, **kwargs)
+            gray = prediction.to("cpu", torch.uint8).numpy()
+            save_gray(gray_path, gray)
+            save_rgb(color_folder / f"{name}.png", colorize(gray, palette))
+        if labelled:
+            label = load_label(label_path, where=f"list {cfg.test_list}")
+            if label.shape != gray.shape:
+                raise DataError(f"label {label_path} is {label.shape[1]}x{label.shape[0]} but the prediction for "
+                                f"{image_path} is {gray.shape[1]}x{gray.shape[0]}")
+            try:
+                total_cm += confusion_matrix(torch.from_numpy(gray).to(device), torch.from_numpy(label).to(device),
+                                             cfg.classes, cfg.ignore_label)
+            except ValueError as error:
+                raise DataError(f"{label_path} / {gray_path}: {error}") from None
+        if done % LOG_EVERY == 0 or done == len(my_indices):
+            elapsed = time.time() - start
+            remaining = elapsed / done * (len(my_indices) - done)
+            logger.info(f"Test: [{done}/{len(my_indices)}] {elapsed / done:.3f} s/image, "
+                        f"elapsed {format_seconds(elapsed)}, ETA {format_seconds(remaining)}")
+
+    counts = torch.tensor([len(my_indices)], dtype=torch.int64, device=device)
+    if world_size > 1:
+        from util.distributed import all_reduce_sum
+
+        all_reduce_sum(total_cm)
+        all_reduce_sum(counts)
+    if not labelled:
+        logger.info(f"<<<<<<<<<<<<<<<<< End Evaluation: predictions in {save_folder} <<<<<<<<<<<<<<<<<")
+        return None, model
+
+    metrics = metrics_from_confusion(total_cm)
+    if rank == 0:
+        class_names = read_names(cfg.names_path, cfg.classes) if cfg.names_path else [str(c) for c in range(cfg.classes)]
+        logger.info(f"Eval result: mIoU/mAcc/allAcc {metrics['mIoU']:.4f}/{metrics['mAcc']:.4f}/"
+                    f"{metrics['allAcc']:.4f}.")
+        for class_id, (iou, acc, class_name) in enumerate(zip(metrics["iou"], metrics["acc"], class_names)):
+            logger.info(f"Class_{class_id} result: iou/accuracy {iou:.4f}/{acc:.4f}, name: {class_name}.")
+        record = dict(metrics)
+        record.update(
+            names=class_names,
+            num_images=int(counts.item()),
+            split=cfg.split,
+            test_list=str(cfg.test_list),
+            model_path=None if cfg.has_prediction else str(model_path),
+            has_prediction=bool(cfg.has_prediction),
+            scales=kwargs["scales"],
+            base_size=cfg.base_size,
+            crop_size=list(kwargs["crop_size"]),
+            flip=True,
+            precision=cfg.get("precision", "fp32"),
+            confusion_matrix=total_cm.cpu().tolist(),
+        )
+        Path(save_folder).mkdir(parents=True, exist_ok=True)
+        metrics_path = Path(save_folder) / "metrics.json"
+        tmp_path = metrics_path.with_suffix(".json.tmp")
+        tmp_path.write_text(json.dumps(nan_to_none(record), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp_path, metrics_path)
+        logger.info(f"=> metrics written to {metrics_path}")
+        logger.info("<<<<<<<<<<<<<<<<< End Evaluation <<<<<<<<<<<<<<<<<")
+    return metrics, model
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args, cfg = parse_cli(list(argv) if argv is not None else None, description=__doc__.splitlines()[0])
+    rank, world_size, device, context = _setup_distributed(cfg)
+    logger = get_logger(rank=rank)
+    try:
+        check_device_support(cfg, device.type)
+        if not cfg.test_list:
+            raise ConfigError("test_list must be set")
+        runs = _runs(cfg)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # every window has the same shape
+        entries = select_items(read_list(cfg.test_list, cfg.data_root, cfg.split), cfg.index_start,
+                               cfg.index_step)
+        names = image_names(entries)
+        logger.info(f"=> {len(entries)} images of {cfg.test_list} (split {cfg.split}), {world_size} process(es)")
+        model = None
+        for model_path, save_folder in runs:
+            source = f"saved predictions in {save_folder}" if cfg.has_prediction else f"{model_path} -> {save_folder}"
+            logger.info(f">>>>>>>>>>>>>>>> Start Evaluation: {source}")
+            _, model = evaluate_run(cfg, model_path, save_folder, entries, names, device, rank, world_size,
+                                    logger, model=model)
+    finally:
+        if context is not None:
+            from util.distributed import cleanup
+
+            cleanup()
+    return 0
+
+
+def _cli() -> int:
+    try:
+        return main()
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(_cli())
