@@ -1,0 +1,401 @@
+"""Training: optimiser/schedule, engine, tool/train.py (resume, NaN, checks) and tool/train.sh. CPU, tiny."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from util import engine
+from util.config import ConfigError
+from util.optim import PolyDecay, build_optimizer, build_param_groups, build_poly_scheduler, set_schedule_position
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+class ToySegModel(nn.Module):
+    """A few-parameter stand-in with the segmentation model's interface."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.layer0 = nn.Conv2d(3, 4, 3, padding=1)
+        self.cls = nn.Conv2d(4, classes, 1)
+        self.aux = nn.Conv2d(4, classes, 1)
+
+    def backbone_modules(self):
+        return [self.layer0]
+
+    def head_modules(self):
+        return [self.cls, self.aux]
+
+    def forward(self, x):
+        features = F.relu(self.layer0(x))
+        logits = self.cls(features)
+        return (logits, self.aux(features)) if self.training else logits
+
+
+@pytest.fixture(scope="module")
+def train_tool():
+    """tool/train.py as a module (tool/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("train_tool_under_test", REPO_ROOT / "tool" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_dataset(root: Path, count: int = 4, classes: int = 3, seed: int = 0) -> Path:
+    """``count`` random 48x56 JPG images with PNG labels (a void border) and their list file."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "labels").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(count):
+        image = rng.integers(0, 256, (48, 56, 3), dtype=np.uint8)
+        label = rng.integers(0, classes, (48, 56), dtype=np.uint8)
+        label[:4] = 255
+        cv2.imwrite(str(root / "images" / f"{i}.jpg"), image)
+        cv2.imwrite(str(root / "labels" / f"{i}.png"), label)
+        lines.append(f"images/{i}.jpg labels/{i}.png")
+    list_path = root / "list.txt"
+    list_path.write_text("\n".join(lines) + "\n")
+    return list_path
+
+
+def write_config(tmp_path: Path, **train_keys) -> Path:
+    """A tiny CPU config (resnet50, 3 classes, 65x65 crops, 2 epochs of 2 iterations).
+
+    Output stride 32 (no dilation) keeps layer3/layer4 at 5x5/3x3 instead of 9x9: several times
+    less compute for the same training machinery under test."""
+    data_root = tmp_path / "data"
+    list_path = make_dataset(data_root)
+    train = dict(arch="pyconvsegnet", backbone_net="resnet", layers=50, backbone_output_stride=32, train_h=65, train_w=65, batch_size=2,
+                 batch_size_val=2, workers=0, epochs=2, manual_seed=5, print_freq=1,
+                 save_path=str(tmp_path / "model"), evaluate=False, base_lr=0.01)
+    train.update(train_keys)
+    body = {"DATA": dict(data_root=str(data_root), train_list=str(list_path), val_list=str(list_path), classes=3),
+            "TRAIN": train, "TEST": dict(device="cpu")}
+    import yaml
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    return path
+
+
+class SimulatedCrash(Exception):
+    pass
+
+
+def crash_on_epoch_call(monkeypatch, crash_call: int):
+    """Make tool/train.py's ``engine.train_one_epoch`` raise on its ``crash_call``-th call (1-based)."""
+    real = engine.train_one_epoch
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == crash_call:
+            raise SimulatedCrash(f"killed before epoch call {crash_call}")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_one_epoch", wrapper)
+
+
+def load(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser and schedule
+
+
+def test_param_groups_backbone_and_10x_head():
+    model = ToySegModel()
+    groups = build_param_groups(model, base_lr=0.02)
+    assert [g["name"] for g in groups] == ["backbone", "head"]
+    assert groups[0]["lr"] == 0.02 and groups[1]["lr"] == pytest.approx(0.2)
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in model.layer0.parameters()}
+    assert len(groups[1]["params"]) == 4
+
+    class Forgetful(ToySegModel):
+        def head_modules(self):
+            return [self.cls]  # aux missing: it would never train
+
+    with pytest.raises(ValueError, match="aux.weight"):
+        build_param_groups(Forgetful(), 0.01)
+
+
+def test_poly_schedule_after_each_iteration_keeps_ratio():
+    model = ToySegModel()
+    optimizer = build_optimizer(model, base_lr=0.01, momentum=0.9, weight_decay=1e-4)
+    assert optimizer.defaults["momentum"] == 0.9 and optimizer.defaults["weight_decay"] == 1e-4
+    scheduler = build_poly_scheduler(optimizer, max_iter=10, power=0.9)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.01, pytest.approx(0.1)]  # iteration 1 at base lr
+    for it in range(1, 6):
+        optimizer.step()
+        scheduler.step()
+        expected = 0.01 * (1 - it / 10) ** 0.9
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+        assert optimizer.param_groups[1]["lr"] == pytest.approx(10 * expected)
+
+    # state round trip, then a longer run re-positions the schedule
+    fresh_opt = build_optimizer(ToySegModel(), base_lr=0.01, momentum=0.9, weight_decay=1e-4)
+    fresh = build_poly_scheduler(fresh_opt, max_iter=10, power=0.9)
+    fresh_opt.load_state_dict(optimizer.state_dict())
+    fresh.load_state_dict(scheduler.state_dict())
+    assert fresh.last_epoch == 5 and fresh.lr_lambdas[0].max_iter == 10
+    set_schedule_position(fresh, 5, 20)
+    assert fresh_opt.param_groups[0]["lr"] == pytest.approx(0.01 * (1 - 5 / 20) ** 0.9)
+    assert fresh.get_last_lr()[1] == pytest.approx(0.1 * (1 - 5 / 20) ** 0.9)
+    assert PolyDecay(10, 0.9)(12) == 0.0  # never negative past the end
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine
+
+
+def test_criterion_and_target_resizing():
+    criterion = engine.build_criterion(255)
+    logits = torch.randn(2, 3, 5, 5)
+    target = torch.randint(0, 3, (2, 5, 5))
+    target[0, 0] = 255
+    assert torch.allclose(criterion(logits, target), F.cross_entropy(logits, target, ignore_index=255))
+    assert criterion(logits, torch.full((2, 5, 5), 255)).item() == 0.0  # all void: 0, not NaN
+    label = torch.arange(17 * 17).reshape(1, 17, 17)
+    small = engine.match_target_size(label, (5, 5))  # zoom 2 of a 17x17 input: every 4th pixel
+    assert torch.equal(small, label[:, ::4, ::4])
+    assert engine.match_target_size(label, (17, 17)) is label
+
+
+def _toy_loader(n_batches=3, classes=3, seed=0, nan_at=None):
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for i in range(n_batches):
+        image = torch.randn(2, 3, 9, 9, generator=g)
+        if nan_at == i:
+            image[0, 0, 0, 0] = float("nan")
+        batches.append((image, torch.randint(0, classes, (2, 9, 9), generator=g)))
+    return batches
+
+
+def test_train_one_epoch_and_evaluate_toy():
+    from util.metrics import confusion_matrix, metrics_from_confusion
+
+    torch.manual_seed(0)
+    model = ToySegModel()
+    optimizer = build_optimizer(model, 0.01, 0.9, 1e-4)
+    scheduler = build_poly_scheduler(optimizer, 6, 0.9)
+    criterion = engine.build_criterion(255)
+    written = []
+
+    class Writer:
+        def add_scalar(self, name, value, step):
+            written.append((name, step))
+
+    loader = _toy_loader()
+    stats = engine.train_one_epoch(model, loader, criterion, optimizer, scheduler, torch.device("cpu"), 0,
+                                   max_epochs=2, aux_weight=0.4, num_classes=3, print_freq=1, writer=Writer())
+    assert set(stats) >= {"loss", "mIoU", "mAcc", "allAcc"} and np.isfinite(stats["loss"])
+    assert stats["loss"] == pytest.approx(stats["main_loss"] + 0.4 * stats["aux_loss"])
+    assert scheduler.last_epoch == 3
+    assert ("loss_train_batch", 3) in written and ("mIoU_train_batch", 1) in written
+    assert {name for name, _ in written} == {"loss_train_batch", "mIoU_train_batch", "mAcc_train_batch",
+                                             "allAcc_train_batch"}
+
+    result = engine.evaluate(model, loader, criterion, torch.device("cpu"), 3, 255)
+    model.eval()
+    with torch.no_grad():
+        cm = sum(confusion_matrix(model(x).argmax(1), y, 3) for x, y in loader)
+    assert result["mIoU"] == pytest.approx(metrics_from_confusion(cm)["mIoU"])
+    assert len(result["iou"]) == 3 and len(result["acc"]) == 3
+
+
+def test_bf16_autocast_on_cpu():
+    model = ToySegModel()
+    optimizer = build_optimizer(model, 0.01, 0.9, 1e-4)
+    scheduler = build_poly_scheduler(optimizer, 3, 0.9)
+    criterion = engine.build_criterion(255)
+    stats = engine.train_one_epoch(model, _toy_loader(), criterion, optimizer, scheduler, torch.device("cpu"), 0,
+                                   num_classes=3, amp_dtype=torch.bfloat16)
+    assert np.isfinite(stats["loss"]) and model.layer0.weight.dtype == torch.float32
+    result = engine.evaluate(model, _toy_loader(), criterion, torch.device("cpu"), 3, amp_dtype=torch.bfloat16)
+    assert 0.0 <= result["allAcc"] <= 1.0
+
+
+def test_nan_loss_names_epoch_and_iteration():
+    model = ToySegModel()
+    optimizer = build_optimizer(model, 0.01, 0.9, 1e-4)
+    scheduler = build_poly_scheduler(optimizer, 6, 0.9)
+    with pytest.raises(engine.NonFiniteLossError, match=r"epoch 2, iteration 2/3"):
+        engine.train_one_epoch(model, _toy_loader(nan_at=1), engine.build_criterion(255), optimizer, scheduler,
+                               torch.device("cpu"), 1, max_epochs=2, num_classes=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# tool/train.py
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory, train_tool):
+    """Final checkpoint of 2 uninterrupted epochs (workers 0; the data order does not depend on workers)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    config = write_config(root, workers=0, save_freq=2)
+    train_tool.main(["--config", str(config)])
+    return load(root / "model" / "train_epoch_2.pth")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch, train_tool, uninterrupted_run, workers):
+    config = write_config(tmp_path, workers=workers, resume="auto")
+    resumed = tmp_path / "model"
+    with monkeypatch.context() as patch:
+        crash_on_epoch_call(patch, crash_call=2)  # dies at the start of epoch 2
+        with pytest.raises(SimulatedCrash):
+            train_tool.main(["--config", str(config)])
+    assert "train_epoch_2.pth" not in os.listdir(resumed)
+
+    # after epoch 1 of 2: backbone lr = base * (1 - 1/2) ** 0.9, head 10x
+    first = load(resumed / "train_epoch_1.pth")
+    assert first["epoch"] == 1
+    lrs = {g["name"]: g["lr"] for g in first["optimizer"]["param_groups"]}
+    assert lrs["backbone"] == pytest.approx(0.01 * 0.5 ** 0.9, rel=1e-9)
+    assert lrs["head"] == pytest.approx(0.1 * 0.5 ** 0.9, rel=1e-9)
+
+    train_tool.main(["--config", str(config)])  # resume auto
+    a, b = uninterrupted_run, load(resumed / "train_epoch_2.pth")
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert torch.allclose(a["state_dict"][key].float(), b["state_dict"][key].float()), key
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 4
+    assert [g["lr"] for g in b["optimizer"]["param_groups"]] == [0.0, 0.0]
+
+
+def test_nan_loss_stops_run_and_keeps_last_checkpoint(tmp_path, monkeypatch, train_tool):
+    config = write_config(tmp_path)
+    calls = []
+
+    class Diverging(engine.SegmentationCrossEntropy):
+        def forward(self, logits, target):
+            calls.append(1)
+            loss = super().forward(logits, target)
+            return loss * float("nan") if len(calls) > 4 else loss  # epoch 1 (2 iterations x 2 losses) is fine
+
+    monkeypatch.setattr(engine, "build_criterion", lambda ignore_index=255: Diverging(ignore_index))
+    with pytest.raises(engine.NonFiniteLossError) as error:
+        train_tool.main(["--config", str(config)])
+    message = str(error.value)
+    assert "epoch 2" in message and "iteration 1/2" in message and "last saved checkpoint" in message
+    saved = sorted(os.listdir(tmp_path / "model"))
+    assert "train_epoch_1.pth" in saved and "train_epoch_2.pth" not in saved
+    assert load(tmp_path / "model" / "train_epoch_1.pth")["epoch"] == 1
+
+
+def test_best_miou_survives_resume_and_old_checkpoints_are_pruned(tmp_path, monkeypatch, train_tool):
+    """Validation mIoU 0.5, then (after a crash and resume) 0.3, 0.4: best_mIoU.pth stays at epoch 1."""
+    config = write_config(tmp_path, evaluate=True, epochs=3, resume="auto")
+    scores = iter([0.5, 0.3, 0.4])
+
+    def fake_train(*args, **kwargs):
+        return {"loss": 1.0, "main_loss": 1.0, "aux_loss": 0.0, "mIoU": 0.1, "mAcc": 0.1, "allAcc": 0.1}
+
+    def fake_evaluate(*args, **kwargs):
+        value = next(scores)
+        return {"loss": 1.0, "mIoU": value, "mAcc": value, "allAcc": value, "iou": [value] * 3, "acc": [value] * 3}
+
+    monkeypatch.setattr(engine, "evaluate", fake_evaluate)
+    monkeypatch.setattr(engine, "train_one_epoch", fake_train)
+    crash_on_epoch_call(monkeypatch, crash_call=2)
+    with pytest.raises(SimulatedCrash):
+        train_tool.main(["--config", str(config)])
+    model_dir = tmp_path / "model"
+    assert load(model_dir / "best_mIoU.pth")["best_mIoU"] == 0.5
+
+    monkeypatch.setattr(engine, "train_one_epoch", fake_train)
+    summary = train_tool.main(["--config", str(config)])
+    assert summary["best_mIoU"] == 0.5
+    best = load(model_dir / "best_mIoU.pth")
+    assert best["epoch"] == 1 and best["best_mIoU"] == 0.5  # not overwritten by the worse epochs 2 and 3
+    assert load(model_dir / "train_epoch_3.pth")["best_mIoU"] == 0.5
+    assert sorted(p for p in os.listdir(model_dir) if p.startswith("train_epoch")) == \
+        ["train_epoch_2.pth", "train_epoch_3.pth"]  # keep_checkpoints 2
+
+
+def _forbid_model_build(monkeypatch):
+    import model
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was built before the config was checked")
+
+    monkeypatch.setattr(model, "build_model", fail)
+
+
+def test_unwritable_save_path_reported_before_training(tmp_path, monkeypatch, train_tool):
+    config = write_config(tmp_path)
+    _forbid_model_build(monkeypatch)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match="save_path .* is not a writable directory"):
+        train_tool.main(["--config", str(config), "save_path", str(blocker / "model")])
+
+
+def test_fp16_on_cpu_rejected_before_model_build(tmp_path, monkeypatch, train_tool):
+    config = write_config(tmp_path)
+    _forbid_model_build(monkeypatch)
+    with pytest.raises(ConfigError, match="fp16"):
+        train_tool.main(["--config", str(config), "precision", "fp16"])
+    # the command line says so in one line, with status 2
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "tool" / "train.py"), "--config", str(config),
+                           "precision", "fp16"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "config error" in proc.stderr and "fp16" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# tool/train.sh
+
+STUB = textwrap.dedent("""\
+    #!/usr/bin/env bash
+    echo "STUB $*"
+""")
+
+
+def test_train_sh_layout_and_command(tmp_path):
+    script = REPO_ROOT / "tool" / "train.sh"
+    usage = subprocess.run(["bash", str(script)], cwd=tmp_path, capture_output=True, text=True)
+    assert usage.returncode != 0 and "usage" in usage.stderr
+
+    (tmp_path / "config" / "toy").mkdir(parents=True)
+    (tmp_path / "config" / "toy" / "toy_exp1.yaml").write_text("TRAIN:\n  epochs: 1\n")
+    stub = tmp_path / "fake_python"
+    stub.write_text(STUB)
+    stub.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(stub))
+    proc = subprocess.run(["bash", str(script), "toy", "exp1", "epochs", "3"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    expected = (f"STUB {REPO_ROOT / 'tool' / 'train.py'} --config config/toy/toy_exp1.yaml "
+                f"save_path exp/toy/exp1/model epochs 3")
+    assert expected in proc.stdout
+    assert (tmp_path / "exp" / "toy" / "exp1" / "result").is_dir()
+    assert (tmp_path / "exp" / "toy" / "exp1" / "toy_exp1.yaml").is_file()
+    logs = list((tmp_path / "exp" / "toy" / "exp1" / "model").glob("train-*.log"))
+    assert len(logs) == 1 and expected in logs[0].read_text()
+
+    env["NPROC"] = "2"
+    proc = subprocess.run(["bash", str(script), "toy", "exp1"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert "STUB -m torch.distributed.run --standalone --nproc_per_node=2" in proc.stdout
+
+    missing = subprocess.run(["bash", str(script), "toy", "nope"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True)
+    assert missing.returncode != 0 and "config not found" in missing.stderr

@@ -1,0 +1,250 @@
+"""One training epoch and one evaluation pass, written against objects, not a global ``args``.
+
+Both functions accumulate a confusion matrix on the device and sum it (and
+the loss) over all processes, so every rank returns the same global numbers.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from util.distributed import all_reduce_sum, get_rank
+from util.metrics import confusion_matrix, metrics_from_confusion
+from util.misc import AverageMeter, format_seconds
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run stops (the last saved checkpoint is kept)."""
+
+
+class SegmentationCrossEntropy(nn.Module):
+    """Pixel-wise cross entropy averaged over the labelled pixels.
+
+    Same value as ``nn.CrossEntropyLoss(ignore_index=...)``, except that a batch
+    with no labelled pixel at all (a crop that is all padding / void) gives 0
+    instead of NaN, so it cannot be mistaken for a diverged run.
+    """
+
+    def __init__(self, ignore_index: int = 255) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        total = F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index, reduction="sum")
+        labelled = (target != self.ignore_index).sum().clamp_min(1)
+        return total / labelled
+
+
+def build_criterion(ignore_index: int = 255) -> nn.Module:
+    return SegmentationCrossEntropy(ignore_index)
+
+
+def autocast_context(device: torch.device, amp_dtype: Optional[torch.dtype]):
+    """``torch.autocast`` for ``amp_dtype`` (bf16/fp16) on ``device``; a no-op for fp32 (None)."""
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def match_target_size(target: torch.Tensor, size) -> torch.Tensor:
+    """Subsample an (N, H, W) label map to the logits' (h, w).
+
+    The model's logits sample the input on an align_corners grid
+    (h = (H - 1) / 8 * zoom + 1), so the matching label pixels are the ones at
+    rows ``round(i * (H - 1) / (h - 1))``: nearest neighbour, never blended
+    (bilinear interpolation of class ids, as the release did, invents classes).
+    """
+    h, w = int(size[0]), int(size[1])
+    H, W = target.shape[-2:]
+    if (h, w) == (H, W):
+        return target
+    rows = torch.linspace(0, H - 1, h, device=target.device).round().long() if h > 1 else \
+        torch.zeros(1, dtype=torch.long, device=target.device)
+    cols = torch.linspace(0, W - 1, w, device=target.device).round().long() if w > 1 else \
+        torch.zeros(1, dtype=torch.long, device=target.device)
+    return target.index_select(-2, rows).index_select(-1, cols)
+
+
+def _to_device(image: torch.Tensor, target: torch.Tensor, device: torch.device, channels_last: bool):
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    image = image.to(device, non_blocking=True, memory_format=memory_format)
+    target = target.to(device, non_blocking=True).long()
+    return image, target
+
+
+def _current_lrs(optimizer: torch.optim.Optimizer) -> str:
+    return "/".join(f"{g['lr']:.6g}" for g in optimizer.param_groups)
+
+
+def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler, device: torch.device, epoch: int, *, max_epochs: Optional[int] = None,
+                    aux_weight: float = 0.4, num_classes: int, ignore_index: int = 255,
+                    scaler: Optional[torch.amp.GradScaler] = None, amp_dtype: Optional[torch.dtype] = None,
+                    channels_last: bool = True, print_freq: int = 10,
+                    logger: Optional[logging.Logger] = None, writer=None) -> Dict[str, float]:
+    """Train ``model`` for one pass over ``loader``.
+
+    Args:
+        model: in train mode returns ``(logits, aux_logits)``, both (N, C, h, w).
+            May be wrapped in DistributedDataParallel / torch.compile.
+        loader: yields ``(image (N,3,H,W) float, label (N,H,W) int)``; every
+            process must yield the same number of batches (DistributedSampler
+            with ``drop_last``), since each iteration has collectives.
+        criterion: ``criterion(logits, target) -> scalar`` (ignores ``ignore_index``).
+        scheduler: stepped once after every optimizer step (poly policy).
+        epoch: 0-based index of this epoch; messages print ``epoch + 1``.
+        max_epochs: total epochs of the run (for the ETA); default ``epoch + 1``.
+        aux_weight: loss = main + aux_weight * aux.
+        scaler: a GradScaler for fp16, else None.
+        amp_dtype: autocast dtype (torch.bfloat16 / torch.float16) or None for fp32.
+        print_freq: a progress line every ``print_freq`` iterations (rank 0 only).
+        writer: tensorboardX SummaryWriter on rank 0 (None elsewhere); gets the
+            release's per-batch scalars at the global iteration number.
+
+    Returns:
+        ``dict(loss, main_loss, aux_loss, mIoU, mAcc, allAcc)`` over the whole
+        epoch and all processes (loss is the mean total loss per sample).
+
+    Raises:
+        NonFiniteLossError: the loss summed over processes is NaN/inf (every
+            rank sees the same sum, so all of them stop at the same iteration).
+    """
+    max_epochs = epoch + 1 if max_epochs is None else max_epochs
+    is_main = get_rank() == 0
+    model.train()
+    iters_per_epoch = len(loader)
+    epoch_cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    loss_sums = torch.zeros(3, dtype=torch.float64, device=device)  # main*n, aux*n, n over the epoch
+    data_time, batch_time = AverageMeter(), AverageMeter()
+    main_meter, aux_meter, loss_meter = AverageMeter(), AverageMeter(), AverageMeter()
+
+    end = time.time()
+    for i, (image, target) in enumerate(loader):
+        data_time.update(time.time() - end)
+        image, target = _to_device(image, target, device, channels_last)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast_context(device, amp_dtype):
+            logits, aux_logits = model(image)
+        target_main = match_target_size(target, logits.shape[-2:])
+        main_loss = criterion(logits.float(), target_main)
+        aux_loss = criterion(aux_logits.float(), match_target_size(target, aux_logits.shape[-2:]))
+        loss = main_loss + aux_weight * aux_loss
+        if scaler is not None:
+            scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+        # One collective per iteration carries the loss sums and this batch's
+        # confusion matrix (float64 holds pixel counts exactly up to 2**53).
+        n = image.shape[0]
+        batch_cm = confusion_matrix(logits.detach().argmax(1), target_main, num_classes, ignore_index)
+        packed = torch.cat([torch.stack([main_loss.detach().double() * n, aux_loss.detach().double() * n,
+                                         torch.tensor(float(n), dtype=torch.float64, device=device)]),
+                            batch_cm.reshape(-1).double()])
+        all_reduce_sum(packed)
+        batch_losses = packed[:3].cpu()  # the one host sync of the iteration
+        main_avg = batch_losses[0].item() / batch_losses[2].item()
+        aux_avg = batch_losses[1].item() / batch_losses[2].item()
+        total_avg = main_avg + aux_weight * aux_avg
+        if not math.isfinite(total_avg):
+            raise NonFiniteLossError(
+                f"training loss is {total_avg} (main {main_avg}, aux {aux_avg}) at epoch {epoch + 1}, "
+                f"iteration {i + 1}/{iters_per_epoch} (global iteration {epoch * iters_per_epoch + i + 1}); "
+                f"stopping. The last saved checkpoint is untouched; lower base_lr or check the data/labels.")
+
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+
+        batch_cm_global = packed[3:].round().long().reshape(num_classes, num_classes)
+        epoch_cm += batch_cm_global
+        loss_sums += packed[:3]
+        main_meter.update(main_avg, int(batch_losses[2].item()))
+        aux_meter.update(aux_avg, int(batch_losses[2].item()))
+        loss_meter.update(total_avg, int(batch_losses[2].item()))
+        batch_time.update(time.time() - end)
+        end = time.time()
+
+        current_iter = epoch * iters_per_epoch + i + 1
+        need_batch_metrics = is_main and (writer is not None or (i + 1) % print_freq == 0)
+        if need_batch_metrics:
+            batch_metrics = metrics_from_confusion(batch_cm_global)
+        if is_main and logger is not None and (i + 1) % print_freq == 0:
+            remaining = max_epochs * iters_per_epoch - current_iter
+            logger.info(
+                f"Epoch: [{epoch + 1}/{max_epochs}][{i + 1}/{iters_per_epoch}] "
+                f"Data {data_time.val:.3f} ({data_time.avg:.3f}) "
+                f"Batch {batch_time.val:.3f} ({batch_time.avg:.3f}) "
+                f"Remain {format_seconds(remaining * batch_time.avg)} "
+                f"MainLoss {main_meter.val:.4f} AuxLoss {aux_meter.val:.4f} Loss {loss_meter.val:.4f} "
+                f"Accuracy {batch_metrics['allAcc']:.4f} lr {_current_lrs(optimizer)}")
+        if is_main and writer is not None:
+            writer.add_scalar("loss_train_batch", main_meter.val, current_iter)
+            writer.add_scalar("mIoU_train_batch", batch_metrics["mIoU"], current_iter)
+            writer.add_scalar("mAcc_train_batch", batch_metrics["mAcc"], current_iter)
+            writer.add_scalar("allAcc_train_batch", batch_metrics["allAcc"], current_iter)
+
+    # The per-iteration reduction already made these global.
+    sums = loss_sums.cpu()
+    count = max(sums[2].item(), 1.0)
+    scores = metrics_from_confusion(epoch_cm)
+    return {
+        "loss": (sums[0].item() + aux_weight * sums[1].item()) / count,
+        "main_loss": sums[0].item() / count,
+        "aux_loss": sums[1].item() / count,
+        "mIoU": scores["mIoU"],
+        "mAcc": scores["mAcc"],
+        "allAcc": scores["allAcc"],
+    }
+
+
+def evaluate(model: nn.Module, loader, criterion: nn.Module, device: torch.device, num_classes: int,
+             ignore_index: int = 255, amp_dtype: Optional[torch.dtype] = None, channels_last: bool = True,
+             logger: Optional[logging.Logger] = None) -> Dict:
+    """Score ``model`` (eval mode) on ``loader``; the confusion matrix and loss are summed over processes.
+
+    Pass the plain model, not the DDP wrapper: processes may hold different
+    numbers of evaluation batches (no padding), and DDP's forward would try to
+    synchronise buffers in every call.
+
+    Returns:
+        ``dict(loss, mIoU, mAcc, allAcc, iou, acc)``; ``loss`` is the main
+        cross entropy per sample; ``iou``/``acc`` are per-class lists.
+    """
+    was_training = model.training
+    model.eval()
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    loss_sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss*n, n
+    start = time.time()
+    with torch.inference_mode():
+        for image, target in loader:
+            image, target = _to_device(image, target, device, channels_last)
+            with autocast_context(device, amp_dtype):
+                logits = model(image)
+            if isinstance(logits, (tuple, list)):  # a model that also returns aux in eval mode
+                logits = logits[0]
+            target = match_target_size(target, logits.shape[-2:])
+            loss = criterion(logits.float(), target)
+            n = image.shape[0]
+            loss_sums[0] += loss.double() * n
+            loss_sums[1] += n
+            cm += confusion_matrix(logits.argmax(1), target, num_classes, ignore_index)
+    all_reduce_sum(cm)
+    all_reduce_sum(loss_sums)
+    model.train(was_training)
+    sums = loss_sums.cpu()
+    scores = metrics_from_confusion(cm)
+    result = {"loss": sums[0].item() / max(sums[1].item(), 1.0), **scores}
+    if logger is not None:
+        logger.info(f"Evaluated {int(sums[1].item())} images in {format_seconds(time.time() - start)}")
+    return result
