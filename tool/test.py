@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from util.checkpoint import CheckpointError  # noqa: E402
 from util.config import ConfigError, check_device_support, parse_cli  # noqa: E402
-from util.dataset import DataError, load_image, load_label, read_colors, read_list, read_names  # noqa: E402
+from util.dataset import DataError, load_image, load_label, read_colors, read_list_entries, read_names  # noqa: E402
 from util.inference import inference_kwargs, load_inference_model, predict_multiscale  # noqa: E402
 from util.metrics import confusion_matrix, metrics_from_confusion, nan_to_none  # noqa: E402
 from util.misc import format_seconds, get_logger, select_device  # noqa: E402
@@ -86,10 +86,19 @@ def _setup_distributed(cfg):
     return 0, 1, select_device(cfg.device), None
 
 
+def check_listed_files(entries: Sequence, list_path, need_images: bool, need_labels: bool) -> None:
+    """Raise DataError naming the list line of the first listed file that does not exist (before any inference)."""
+    for entry in entries:
+        for kind, path, needed in (("image", entry.image_path, need_images), ("label", entry.label_path, need_labels)):
+            if needed and path is not None and not os.path.isfile(path):
+                raise DataError(f"list {list_path} line {entry.line_number}: {kind} not found: {path}")
+
+
 def evaluate_run(cfg, model_path: Optional[str], save_folder: str, entries, names, device: torch.device,
-                 rank: int, world_size: int, logger, model=None):
+                 rank: int, world_size: int, logger, model=None, line_numbers: Optional[Sequence[int]] = None):
     """Predict (or read saved predictions) for this process's share of ``entries`` and score them.
 
+    ``line_numbers[i]`` is the list-file line of ``entries[i]`` (for error messages).
     Returns ``(metrics dict or None, model)``; the model is returned for reuse by the next run.
     """
     labelled = cfg.split != "test"
@@ -99,13 +108,9 @@ def evaluate_run(cfg, model_path: Optional[str], save_folder: str, entries, name
     kwargs = inference_kwargs(cfg)
 
     if not cfg.has_prediction:
-        if model is None:
-            model = load_inference_model(cfg, model_path, device)
-        else:
-            from util.checkpoint import load_model_weights
-
-            load_model_weights(model, model_path)
-            model.eval()
+        # Always a fresh model: load_inference_model folds BatchNorm into the convolutions, so a
+        # previous run's model no longer has the checkpoint's layout to load new weights into.
+        model = load_inference_model(cfg, model_path, device)
         logger.info(f"=> loaded weights {model_path}; scales {kwargs['scales']}, base_size {cfg.base_size}, "
                     f"crop {kwargs['crop_size']}, {kwargs['batch_size']} windows per forward, device {device}")
 
@@ -115,6 +120,7 @@ def evaluate_run(cfg, model_path: Optional[str], save_folder: str, entries, name
     for done, index in enumerate(my_indices, 1):
         image_path, label_path = entries[index]
         name = names[index]
+        where = f"list {cfg.test_list}" + (f" line {line_numbers[index]}" if line_numbers is not None else "")
         gray_path = gray_folder / f"{name}.png"
         if cfg.has_prediction:
             if not gray_path.is_file():
@@ -122,21 +128,21 @@ def evaluate_run(cfg, model_path: Optional[str], save_folder: str, entries, name
                                 f"(for image {image_path})")
             gray = load_label(gray_path)
         else:
-            image = load_image(image_path, where=f"list {cfg.test_list}")
+            image = load_image(image_path, where=where)
             prediction = predict_multiscale(model, image, **kwargs)
             gray = prediction.to("cpu", torch.uint8).numpy()
             save_gray(gray_path, gray)
             save_rgb(color_folder / f"{name}.png", colorize(gray, palette))
         if labelled:
-            label = load_label(label_path, where=f"list {cfg.test_list}")
+            label = load_label(label_path, where=where)
             if label.shape != gray.shape:
-                raise DataError(f"label {label_path} is {label.shape[1]}x{label.shape[0]} but the prediction for "
-                                f"{image_path} is {gray.shape[1]}x{gray.shape[0]}")
+                raise DataError(f"{where}: label {label_path} is {label.shape[1]}x{label.shape[0]} but the "
+                                f"prediction for {image_path} is {gray.shape[1]}x{gray.shape[0]}")
             try:
                 total_cm += confusion_matrix(torch.from_numpy(gray).to(device), torch.from_numpy(label).to(device),
                                              cfg.classes, cfg.ignore_label)
             except ValueError as error:
-                raise DataError(f"{label_path} / {gray_path}: {error}") from None
+                raise DataError(f"{where}: {label_path} / {gray_path}: {error}") from None
         if done % LOG_EVERY == 0 or done == len(my_indices):
             elapsed = time.time() - start
             remaining = elapsed / done * (len(my_indices) - done)
@@ -196,8 +202,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         runs = _runs(cfg)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # every window has the same shape
-        entries = select_items(read_list(cfg.test_list, cfg.data_root, cfg.split), cfg.index_start,
-                               cfg.index_step)
+        listed = select_items(read_list_entries(cfg.test_list, cfg.data_root, cfg.split), cfg.index_start,
+                              cfg.index_step)
+        check_listed_files(listed, cfg.test_list, need_images=not cfg.has_prediction, need_labels=cfg.split != "test")
+        entries = [(entry.image_path, entry.label_path) for entry in listed]
+        line_numbers = [entry.line_number for entry in listed]
         names = image_names(entries)
         logger.info(f"=> {len(entries)} images of {cfg.test_list} (split {cfg.split}), {world_size} process(es)")
         model = None
@@ -205,7 +214,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             source = f"saved predictions in {save_folder}" if cfg.has_prediction else f"{model_path} -> {save_folder}"
             logger.info(f">>>>>>>>>>>>>>>> Start Evaluation: {source}")
             _, model = evaluate_run(cfg, model_path, save_folder, entries, names, device, rank, world_size,
-                                    logger, model=model)
+                                    logger, model=model, line_numbers=line_numbers)
     finally:
         if context is not None:
             from util.distributed import cleanup
@@ -217,7 +226,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _cli() -> int:
     try:
         return main()
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as error:
+    except ConfigError as error:  # status 2, as for the config errors parse_cli reports
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    except (DataError, CheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

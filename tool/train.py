@@ -138,6 +138,20 @@ def make_checkpoint(epoch: int, model, optimizer, scheduler, scaler, best_miou: 
     }
 
 
+def check_training_checkpoint(checkpoint: Any, path: str) -> None:
+    """Raise CheckpointError unless ``checkpoint`` is a training checkpoint written by this tool."""
+    from util.checkpoint import CheckpointError
+
+    required = ("epoch", "state_dict", "optimizer")
+    missing = [key for key in required if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing or not isinstance(checkpoint["epoch"], int) or not isinstance(checkpoint.get("cfg") or {}, dict):
+        found = (f"keys {sorted(map(str, checkpoint))[:8]}" if isinstance(checkpoint, dict)
+                 else type(checkpoint).__name__)
+        raise CheckpointError(f"{path} is not a training checkpoint of tool/train.py (needs {', '.join(required)}; "
+                              f"found {found}); to start a new run from its weights use 'weight {path}' instead "
+                              f"of resume")
+
+
 def resolve_resume(cfg, logger) -> Optional[str]:
     """The checkpoint to resume from, or None (``resume: auto`` with nothing saved yet)."""
     if not cfg.resume:
@@ -238,11 +252,16 @@ def _train(cfg, ctx) -> Dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    from util.checkpoint import load_checkpoint_file
+    from util.checkpoint import load_checkpoint_file, remove_stale_temporaries
 
+    if ctx.is_main:
+        for stale in remove_stale_temporaries(cfg.save_path):
+            logger.info(f"removed {stale}: the partial write of a checkpoint by an interrupted run")
     # The checkpoint is read first: a run without manual_seed continues with the seed it started with.
     resume_path = dist_utils.broadcast_object(resolve_resume(cfg, logger) if ctx.is_main else None)
     checkpoint = load_checkpoint_file(resume_path) if resume_path is not None else None
+    if checkpoint is not None:
+        check_training_checkpoint(checkpoint, resume_path)
     if checkpoint is not None and cfg.manual_seed is None:
         cfg.manual_seed = (checkpoint.get("cfg") or {}).get("manual_seed")
     seed = choose_run_seed(cfg, logger)
@@ -381,9 +400,14 @@ def _train(cfg, ctx) -> Dict[str, Any]:
 
 
 def _save(checkpoint: Dict[str, Any], path: str) -> None:
-    from util.checkpoint import save_checkpoint
+    from util.checkpoint import CheckpointError, save_checkpoint
 
-    save_checkpoint(checkpoint, path)
+    try:
+        save_checkpoint(checkpoint, path)
+    except OSError as exc:
+        raise CheckpointError(f"could not write checkpoint {path}: {exc.strerror or exc}; the checkpoints "
+                              f"already in {os.path.dirname(path)} are intact (free space, then "
+                              f"'resume auto' continues from the newest)") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,9 +456,18 @@ def cli() -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     except (CheckpointError, DataError, engine.NonFiniteLossError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line_reason(exc)}", file=sys.stderr)
         return 1
     return 0
+
+
+def one_line_reason(exc: BaseException) -> str:
+    """The message of ``exc`` without the worker traceback that DataLoader adds to errors raised in a worker."""
+    message = str(exc)
+    if "Original Traceback" in message:
+        last = [line for line in message.splitlines() if line.strip()][-1]
+        message = last.split(f"{type(exc).__name__}: ", 1)[-1]
+    return message
 
 
 if __name__ == "__main__":

@@ -259,19 +259,81 @@ def save_checkpoint(obj: Any, path: PathLike) -> None:
     temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     # os.open with 0o666 lets the umask decide the permissions, as for a normal file.
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    writer = None
     try:
         with os.fdopen(descriptor, "wb") as handle:
-            torch.save(obj, handle)
+            writer = _ErrorRecordingWriter(handle)
+            torch.save(obj, writer)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.remove(temporary)
         except FileNotFoundError:
             pass
+        if writer is not None and writer.error is not None and not isinstance(exc, OSError):
+            # torch.save reports a failed write (disk full, file size limit) as an opaque
+            # RuntimeError ("unexpected pos ..."); raise the OSError that caused it instead.
+            error = writer.error
+            raise OSError(error.errno, error.strerror, path) from None
         raise
     _fsync_directory(directory)
+
+
+class _ErrorRecordingWriter:
+    """The file object handed to ``torch.save``: remembers the OSError of a failed write."""
+
+    def __init__(self, handle) -> None:
+        self._handle = handle
+        self.error: Optional[OSError] = None
+
+    def write(self, data) -> int:
+        try:
+            return self._handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+
+CHECKPOINT_TEMPORARY = re.compile(r"^\.(?P<name>.+\.pth)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+def remove_stale_temporaries(directory: PathLike) -> List[str]:
+    """Delete the temporary files of :func:`save_checkpoint` calls that never finished.
+
+    A process killed while writing a checkpoint leaves ``.NAME.pth.PID.XXXXXXXX.tmp`` behind
+    (as large as a checkpoint). Files whose writer is still running on this machine are kept.
+    Returns the removed paths.
+    """
+    directory = os.fspath(directory)
+    removed = []
+    if not os.path.isdir(directory):
+        return removed
+    for name in os.listdir(directory):
+        match = CHECKPOINT_TEMPORARY.match(name)
+        if match and not _process_alive(int(match.group("pid"))):
+            try:
+                os.remove(os.path.join(directory, name))
+                removed.append(os.path.join(directory, name))
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: an existence check, nothing is sent
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
 
 
 def _fsync_directory(directory: str) -> None:
@@ -290,4 +352,5 @@ def _fsync_directory(directory: str) -> None:
 
 __all__ = ["CheckpointError", "load_checkpoint_file", "extract_state_dict", "strip_wrapper_prefixes",
            "add_module_prefix", "unwrap_model", "describe_mismatch", "load_model_weights",
-           "imagenet_to_segmentation_keys", "load_pretrained_backbone", "save_checkpoint"]
+           "imagenet_to_segmentation_keys", "load_pretrained_backbone", "save_checkpoint",
+           "remove_stale_temporaries"]
