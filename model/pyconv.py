@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import List, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -40,11 +41,47 @@ class PyConv(nn.Module):
         return torch.cat([level(x) for level in self.children()], dim=1)
 
 
+class SingleOutputGroupConv2d(nn.Conv2d):
+    """A grouped convolution with one output channel per group and several inputs per group
+    (e.g. PyConvResNet layer1's 9x9 level: 64 -> 16 channels in 16 groups of 4 -> 1), computed as
+    a depthwise convolution followed by a sum over each group's channels.
+
+    Same parameters (``weight`` of shape (groups, in/groups, k, k)) and the same function up to
+    float summation order: the depthwise kernel ``c`` is ``weight.view(in, 1, k, k)[c]``, i.e.
+    input channel ``c`` of group ``c // (in/groups)``. Why: oneDNN's kernels for groups of
+    4 -> 1 channels run at a few percent of the machine's rate, its depthwise kernels several
+    times faster (2-core AVX-512 CPU, one thread: 5x for PyConvResNet layer1's 9x9 level). On two
+    threads a PyConvHGResNet-50 forward (every layer1 level is 4 -> 1 there) gets 7 % faster in
+    float32 and bfloat16; PyConvResNet-50 (one such level) and training steps are unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_per_group = self.in_channels // self.groups
+        depthwise = F.conv2d(x, self.weight.reshape(self.in_channels, 1, *self.kernel_size), None, self.stride,
+                             self.padding, self.dilation, self.in_channels)
+        n, _, height, width = depthwise.shape
+        if depthwise.is_contiguous(memory_format=torch.channels_last) and not depthwise.is_contiguous():
+            # Channels innermost: the group sum reads contiguous runs, the result stays channels_last.
+            out = depthwise.permute(0, 2, 3, 1).reshape(n, height, width, self.groups, in_per_group).sum(-1)
+            out = out.permute(0, 3, 1, 2)
+        else:
+            out = depthwise.reshape(n, self.groups, in_per_group, height, width).sum(2)
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1, 1)
+        return out
+
+
 def level_conv(in_channels: int, out_channels: int, kernel: int, groups: int = 1, stride: int = 1,
                dilation: int = 1) -> nn.Conv2d:
-    """A bias-free k x k convolution that keeps the spatial size at stride 1 (for odd k)."""
-    return nn.Conv2d(in_channels, out_channels, kernel_size=kernel, stride=stride,
-                     padding=dilation * (kernel // 2), dilation=dilation, groups=groups, bias=False)
+    """A bias-free k x k convolution that keeps the spatial size at stride 1 (for odd k).
+
+    Groups of several inputs and one output use :class:`SingleOutputGroupConv2d` (same weights,
+    same function, faster on the CPU)."""
+    conv_class = nn.Conv2d
+    if groups > 1 and out_channels == groups and in_channels > groups:
+        conv_class = SingleOutputGroupConv2d
+    return conv_class(in_channels, out_channels, kernel_size=kernel, stride=stride,
+                      padding=dilation * (kernel // 2), dilation=dilation, groups=groups, bias=False)
 
 
 def split_channels(total: int, divisors: Sequence[int]) -> List[int]:
