@@ -11,7 +11,6 @@ label maps) to ``--tile-height`` pixels, keeping the aspect ratio, to keep the f
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -22,7 +21,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from util.config import ConfigError, load_cfg  # noqa: E402
+from util.config import parse_cli  # noqa: E402
 
 HEADER_HEIGHT = 22
 GAP = 4  # white pixels between tiles
@@ -63,20 +62,15 @@ def make_grid(rows: List[List[np.ndarray]], titles: Sequence[str]) -> np.ndarray
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config of the trained model")
-    parser.add_argument("--model", help="checkpoint (default: the config's model_path)")
-    parser.add_argument("--list", help="list file of images and labels (default: the config's test_list)")
-    parser.add_argument("--num", type=int, default=4, help="number of images (rows), default 4")
-    parser.add_argument("--start", type=int, default=0, help="first list entry to draw, default 0")
-    parser.add_argument("--tile-height", type=int, default=128, help="height of each tile in pixels, default 128")
-    parser.add_argument("--output", default="figure/predictions_demo.png", help="PNG to write")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides of config keys")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_cfg(args.config, args.opts)
-    except ConfigError as error:
-        parser.exit(2, f"config error: {error}\n")
+    def add_flags(parser):
+        parser.add_argument("--model", help="checkpoint (default: the config's model_path)")
+        parser.add_argument("--list", help="list file of images and labels (default: the config's test_list)")
+        parser.add_argument("--num", type=int, default=4, help="number of images (rows), default 4")
+        parser.add_argument("--start", type=int, default=0, help="first list entry to draw, default 0")
+        parser.add_argument("--tile-height", type=int, default=128, help="height of each tile in pixels, default 128")
+        parser.add_argument("--output", default="figure/predictions_demo.png", help="PNG to write")
+
+    args, cfg = parse_cli(argv, __doc__.split("\n\n")[0], add_flags)
 
     from util.dataset import load_image, load_label, read_colors, read_list
     from util.inference import inference_kwargs, load_inference_model, predict_multiscale

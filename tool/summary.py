@@ -13,7 +13,6 @@ pooling or interpolation. Divide by 2 for the "MACs" some papers report.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -23,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from util.config import ConfigError, load_cfg  # noqa: E402
+from util.config import parse_cli  # noqa: E402
 
 
 def count_parameters(modules: Sequence[nn.Module]) -> int:
@@ -104,16 +103,11 @@ def format_summary(info: Dict[str, Any]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config, e.g. config/ade20k/ade20k_pyconvresnet50_pyconvsegnet.yaml")
-    parser.add_argument("--device", default="meta",
-                        help="where to build the model: meta (default, shapes only) or cpu")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides (e.g. train_h 713 train_w 713)")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_cfg(args.config, args.opts)
-    except ConfigError as error:
-        parser.exit(2, f"config error: {error}\n")
+    def add_flags(parser):
+        parser.add_argument("--device", default="meta",
+                            help="where to build the model: meta (default, shapes only) or cpu")
+
+    args, cfg = parse_cli(argv, __doc__.split("\n\n")[0], add_flags)
     print(format_summary(summarize(cfg, device=args.device)))
     return 0
 
