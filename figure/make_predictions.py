@@ -21,7 +21,8 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from util.config import parse_cli  # noqa: E402
+from util.cli import run_cli  # noqa: E402
+from util.config import ConfigError, parse_cli  # noqa: E402
 
 HEADER_HEIGHT = 22
 GAP = 4  # white pixels between tiles
@@ -80,10 +81,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model_path = args.model or cfg.model_path
     list_path = args.list or cfg.test_list
     if not model_path or not list_path:
-        parser.exit(2, "need --model (or model_path in the config) and --list (or test_list)\n")
+        raise ConfigError("need --model (or model_path in the config) and --list (or test_list)")
     entries = read_list(list_path, cfg.data_root, "val")[args.start:args.start + args.num]
     if not entries:
-        parser.exit(2, f"no images in {list_path} from index {args.start}\n")
+        raise ConfigError(f"no images in {list_path} from index {args.start}")
     device = select_device(cfg.device)
     model = load_inference_model(cfg, model_path, device)
     kwargs = inference_kwargs(cfg)
@@ -109,4 +110,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -18,8 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from util.cli import exit_with, run_cli  # noqa: E402
 from util.config import ConfigError, check_device_support, parse_cli  # noqa: E402
-from util.dataset import DataError, load_image, read_colors, read_names  # noqa: E402
+from util.dataset import load_image, read_colors, read_names  # noqa: E402
 from util.inference import inference_kwargs, load_inference_model, predict_multiscale  # noqa: E402
 from util.misc import get_logger, select_device  # noqa: E402
 from util.visualize import colorize, default_palette, overlay, save_gray, save_rgb  # noqa: E402
@@ -65,17 +66,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _cli() -> int:
-    from util.checkpoint import CheckpointError
-
-    try:
-        return main()
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    return run_cli(main)
 
 
 if __name__ == "__main__":
-    from util.perf import keep_freed_memory_for_reuse
-
-    keep_freed_memory_for_reuse()  # CPU: reuse freed activation memory instead of fresh page faults
-    sys.exit(_cli())
+    exit_with(main)

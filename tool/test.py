@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from util.checkpoint import CheckpointError  # noqa: E402
+from util.cli import exit_with, run_cli  # noqa: E402
 from util.config import ConfigError, check_device_support, parse_cli  # noqa: E402
 from util.dataset import DataError, load_image, load_label, read_colors, read_list_entries, read_names  # noqa: E402
 from util.inference import inference_kwargs, load_inference_model, predict_multiscale  # noqa: E402
@@ -224,18 +225,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _cli() -> int:
-    try:
-        return main()
-    except ConfigError as error:  # status 2, as for the config errors parse_cli reports
-        print(f"config error: {error}", file=sys.stderr)
-        return 2
-    except (DataError, CheckpointError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    return run_cli(main)
 
 
 if __name__ == "__main__":
-    from util.perf import keep_freed_memory_for_reuse
-
-    keep_freed_memory_for_reuse()  # CPU: reuse freed activation memory instead of fresh page faults
-    sys.exit(_cli())
+    exit_with(main)

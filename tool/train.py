@@ -37,6 +37,7 @@ import torch  # noqa: E402
 
 from util import distributed as dist_utils  # noqa: E402
 from util import engine  # noqa: E402  (engine.train_one_epoch is looked up at call time: tests patch it)
+from util.cli import exit_with, run_cli  # noqa: E402
 from util.config import ConfigError, check_device_support, load_cfg  # noqa: E402
 from util.misc import format_seconds, get_logger, set_seed  # noqa: E402
 
@@ -447,31 +448,8 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
 
 def cli() -> int:
     """``main()`` with known errors printed as one line (exit status 2 for config, 1 otherwise)."""
-    from util.checkpoint import CheckpointError
-    from util.dataset import DataError
-
-    try:
-        main()
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    except (CheckpointError, DataError, engine.NonFiniteLossError) as exc:
-        print(f"error: {one_line_reason(exc)}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def one_line_reason(exc: BaseException) -> str:
-    """The message of ``exc`` without the worker traceback that DataLoader adds to errors raised in a worker."""
-    message = str(exc)
-    if "Original Traceback" in message:
-        last = [line for line in message.splitlines() if line.strip()][-1]
-        message = last.split(f"{type(exc).__name__}: ", 1)[-1]
-    return message
+    return run_cli(main)
 
 
 if __name__ == "__main__":
-    from util.perf import keep_freed_memory_for_reuse
-
-    keep_freed_memory_for_reuse()  # CPU: reuse freed activation memory instead of fresh page faults
-    sys.exit(cli())
+    exit_with(main)
