@@ -8,7 +8,6 @@ lists what each test shows.
 from __future__ import annotations
 
 import errno
-import importlib.util
 import os
 import random
 import re
@@ -21,12 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 import torch
-import yaml
 
+from tiny_runs import load_script, write_tiny_config
 from util.checkpoint import load_checkpoint_file, save_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -51,41 +48,14 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def train_tool():
-    """tool/train.py as a module (tool/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("train_tool_faults", TRAIN_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def make_data(root: Path, count: int = 4) -> Path:
-    """``count`` random 40x44 PNG images with 3-class labels, and their list file."""
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "labels").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(count):
-        cv2.imwrite(str(root / "images" / f"{i}.png"), rng.integers(0, 256, (40, 44, 3), dtype=np.uint8))
-        cv2.imwrite(str(root / "labels" / f"{i}.png"), rng.integers(0, 3, (40, 44), dtype=np.uint8))
-        lines.append(f"images/{i}.png labels/{i}.png")
-    list_path = root / "list.txt"
-    list_path.write_text("\n".join(lines) + "\n")
-    return list_path
+    return load_script("tool/train.py", "train_tool_faults")
 
 
 def write_config(tmp_path: Path, **train_keys) -> Path:
-    """A tiny CPU training config: 2 iterations per epoch, a checkpoint every epoch."""
-    data_root = tmp_path / "data"
-    list_path = make_data(data_root)
-    train = dict(arch="pyconvsegnet", backbone_net="resnet", layers=50, backbone_output_stride=32, train_h=33,
-                 train_w=33, batch_size=2, batch_size_val=2, workers=0, epochs=2, manual_seed=7, print_freq=1,
-                 save_path=str(tmp_path / "model"), evaluate=False, save_freq=1, keep_checkpoints=2)
-    train.update(train_keys)
-    body = {"DATA": dict(data_root=str(data_root), train_list=str(list_path), val_list=str(list_path), classes=3),
-            "TRAIN": train, "TEST": dict(device="cpu")}
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(body, sort_keys=False))
-    return path
+    """A tiny CPU training config: 33x33 crops of 40x44 PNGs, 2 iterations per epoch, a checkpoint every epoch."""
+    keys = dict(train_h=33, train_w=33, manual_seed=7, save_freq=1, keep_checkpoints=2)
+    keys.update(train_keys)
+    return write_tiny_config(tmp_path, dataset=dict(size=(40, 44), image_ext="png", void_rows=0), **keys)
 
 
 def child_env(**extra) -> dict:

@@ -1,12 +1,12 @@
 """tool/summary.py: parameter counts and GFLOP per crop, built on the meta device (no weights, fast)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from tiny_runs import load_script
 from util.config import load_cfg
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -16,10 +16,7 @@ DEMO_CONFIG = REPO_ROOT / "config" / "demo" / "demo_pyconvresnet50_pyconvsegnet.
 
 @pytest.fixture(scope="module")
 def summary_tool():
-    spec = importlib.util.spec_from_file_location("summary_tool_under_test", REPO_ROOT / "tool" / "summary.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tool/summary.py", "summary_tool_under_test")
 
 
 def test_parameters_match_the_release(summary_tool, reference_dir):

@@ -1,20 +1,19 @@
 """Training: optimiser/schedule, engine, tool/train.py (resume, NaN, checks) and tool/train.sh. CPU, tiny."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tiny_runs import load_script, write_tiny_config
 from util import engine
 from util.config import ConfigError
 from util.optim import PolyDecay, build_optimizer, build_param_groups, build_poly_scheduler, set_schedule_position
@@ -49,29 +48,7 @@ class ToySegModel(nn.Module):
 
 @pytest.fixture(scope="module")
 def train_tool():
-    """tool/train.py as a module (tool/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("train_tool_under_test", REPO_ROOT / "tool" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def make_dataset(root: Path, count: int = 4, classes: int = 3, seed: int = 0) -> Path:
-    """``count`` random 48x56 JPG images with PNG labels (a void border) and their list file."""
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "labels").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(count):
-        image = rng.integers(0, 256, (48, 56, 3), dtype=np.uint8)
-        label = rng.integers(0, classes, (48, 56), dtype=np.uint8)
-        label[:4] = 255
-        cv2.imwrite(str(root / "images" / f"{i}.jpg"), image)
-        cv2.imwrite(str(root / "labels" / f"{i}.png"), label)
-        lines.append(f"images/{i}.jpg labels/{i}.png")
-    list_path = root / "list.txt"
-    list_path.write_text("\n".join(lines) + "\n")
-    return list_path
+    return load_script("tool/train.py", "train_tool_under_test")
 
 
 def write_config(tmp_path: Path, **train_keys) -> Path:
@@ -79,19 +56,7 @@ def write_config(tmp_path: Path, **train_keys) -> Path:
 
     Output stride 32 (no dilation) keeps layer3/layer4 at 5x5/3x3 instead of 9x9: several times
     less compute for the same training machinery under test."""
-    data_root = tmp_path / "data"
-    list_path = make_dataset(data_root)
-    train = dict(arch="pyconvsegnet", backbone_net="resnet", layers=50, backbone_output_stride=32, train_h=65, train_w=65, batch_size=2,
-                 batch_size_val=2, workers=0, epochs=2, manual_seed=5, print_freq=1,
-                 save_path=str(tmp_path / "model"), evaluate=False, base_lr=0.01)
-    train.update(train_keys)
-    body = {"DATA": dict(data_root=str(data_root), train_list=str(list_path), val_list=str(list_path), classes=3),
-            "TRAIN": train, "TEST": dict(device="cpu")}
-    import yaml
-
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(body, sort_keys=False))
-    return path
+    return write_tiny_config(tmp_path, **{"base_lr": 0.01, **train_keys})
 
 
 class SimulatedCrash(Exception):
