@@ -44,6 +44,12 @@ class Registry:
 
         return decorator
 
+    def unregister(self, name: str) -> Callable:
+        """Remove ``name`` and return its builder, e.g. to re-register an edited builder in a notebook."""
+        if name not in self._entries:
+            raise ValueError(f"{self.kind} '{name}' is not registered; registered: {', '.join(self.names())}")
+        return self._entries.pop(name)
+
     def get(self, name: str) -> Callable:
         try:
             return self._entries[name]

@@ -167,10 +167,20 @@ def test_unknown_yaml_key_and_section_name_nearest(tmp_path):
     (["split", "dev"], r"split must be one of"),
     (["scale_min", "3.0"], r"scale_min <= scale_max"),
     (["batch_size", "0"], r"batch_size must be an integer >= 1"),
+    (["base_size", "-1"], r"base_size must be a number of pixels \(0 or empty: each image at its own size\)"),
 ])
 def test_invalid_values_say_what_is_allowed(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_cfg(PYCONV50, overrides)
+
+
+def test_base_size_zero_or_empty_means_own_size():
+    """The release's configs say ``base_size: 0`` for "test each image at its own size"; they load."""
+    from util.inference import inference_kwargs, scaled_size
+
+    for value in ("0", "null"):
+        base_size = inference_kwargs(load_cfg(PYCONV50, ["base_size", value]))["base_size"]
+        assert scaled_size(300, 400, 1.0, base_size) == (300, 400)
 
 
 def test_fp16_needs_cuda():

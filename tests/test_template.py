@@ -26,13 +26,25 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def clean_registries(monkeypatch):
-    """Registrations inside the test go to copies of the registry tables, dropped at teardown."""
-    # Registry keeps its table in `_entries`; swapping in a copy is the least intrusive undo.
-    monkeypatch.setattr(BACKBONES, "_entries", dict(BACKBONES._entries))
-    monkeypatch.setattr(ARCHITECTURES, "_entries", dict(ARCHITECTURES._entries))
+def clean_registries():
+    """Names a test registers are unregistered at teardown."""
+    before = {registry: set(registry.names()) for registry in (BACKBONES, ARCHITECTURES)}
     yield
-    # monkeypatch restores the original tables after this fixture returns.
+    for registry, names in before.items():
+        for name in set(registry.names()) - names:
+            registry.unregister(name)
+
+
+def test_unregister_removes_a_name_and_allows_registering_it_again(clean_registries):
+    name = unique("tiny_again")
+    first = register_backbone(name)(lambda layers=50, output_stride=8: None)
+    with pytest.raises(ValueError, match="already registered"):
+        register_backbone(name)(lambda layers=50, output_stride=8: None)
+    assert BACKBONES.unregister(name) is first and name not in BACKBONES
+    with pytest.raises(ValueError, match="is not registered"):
+        BACKBONES.unregister(name)
+    second = register_backbone(name)(lambda layers=50, output_stride=8: None)
+    assert BACKBONES.get(name) is second
 
 
 def unique(prefix: str) -> str:

@@ -286,8 +286,9 @@ def validate_cfg(cfg: CfgNode) -> None:
     _require(cfg.rotate_min <= cfg.rotate_max, f"need rotate_min <= rotate_max, got {cfg.rotate_min} and {cfg.rotate_max}")
     _require(isinstance(cfg.scales, list) and len(cfg.scales) > 0 and all(s > 0 for s in cfg.scales),
              f"scales must be a non-empty list of positive numbers, got {cfg.scales}")
-    _require(cfg.base_size is None or cfg.base_size > 0,
-             f"base_size must be a positive number of pixels, got {cfg.base_size}")
+    # 0 or empty = each image at its own size (what the release's `base_size: 0` meant).
+    _require(cfg.base_size is None or (isinstance(cfg.base_size, int) and cfg.base_size >= 0),
+             f"base_size must be a number of pixels (0 or empty: each image at its own size), got {cfg.base_size}")
     for key in ("batch_size", "batch_size_val", "test_batch_size", "epochs", "save_freq", "print_freq",
                 "keep_checkpoints"):
         _require(isinstance(cfg[key], int) and cfg[key] >= 1, f"{key} must be an integer >= 1, got {cfg[key]}")
