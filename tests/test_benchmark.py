@@ -33,6 +33,24 @@ def _randomise_batchnorm(model, seed=0):
                 module.bias.copy_(torch.rand(n, generator=generator) * 0.4 - 0.2)
 
 
+def test_warm_up_stops_at_the_first_call_without_new_pages(bench_tool, monkeypatch):
+    """A job whose first two calls fault in new pages is steady from its third call on."""
+    device = torch.device("cpu")
+    faults = {"total": 0, "calls": 0}
+    monkeypatch.setattr(bench_tool, "minor_page_faults", lambda: faults["total"])
+
+    def job():
+        faults["calls"] += 1
+        faults["total"] += 50_000 if faults["calls"] <= 2 else 10
+
+    assert bench_tool.warm_up(job, device) == 3
+    faults.update(total=0, calls=0)
+    assert bench_tool.warm_up(job, device, max_calls=2) == 2  # never steady within the limit
+    faults.update(total=0, calls=10)  # already past the growing calls: steady at once
+    timing = bench_tool.time_calls(job, 2, device)
+    assert timing["warmup_calls"] == 1 and len(timing["times_s"]) == 2 and faults["calls"] == 13
+
+
 def test_crop_count_and_flop_counts(bench_tool, repo_root, monkeypatch):
     monkeypatch.chdir(repo_root)
     # The issue's setting: a 384x512 image at scale 1.0 is 2 windows of 473, times 2 flips.
@@ -60,7 +78,7 @@ def test_benchmark_smoke(bench_tool, repo_root, monkeypatch, capsys, tmp_path):
     result = json.loads(capsys.readouterr().out)
     assert json.loads((tmp_path / "bench.json").read_text()) == result
     table = (tmp_path / "bench.md").read_text()
-    assert "| matmul 4096^3" in table and "| training, utilisation |" in table
+    assert "| matmul 4096^3" in table and "| training, utilisation (of the matmul rate just before it) |" in table
     for key in ("machine", "matmul", "model", "eval", "train", "data", "peak_memory", "warnings"):
         assert key in result
     assert result["model"]["weights"] == "random" and any("random weights" in w for w in result["warnings"])
@@ -68,6 +86,11 @@ def test_benchmark_smoke(bench_tool, repo_root, monkeypatch, capsys, tmp_path):
         assert result["matmul"][precision]["gflops"] > 0
         assert result["eval"][precision]["seconds_per_image"] > 0
         assert 0 < result["eval"][precision]["utilisation"] < 100
+        for job in ("eval", "train"):  # each job's ratio uses a matmul rate measured right before it
+            job_result = result[job][precision]
+            assert job_result["matmul_gflops_before"] > 0
+            gflops = job_result["gflops"]
+            assert math.isclose(job_result["utilisation"], gflops / job_result["matmul_gflops_before"])
         assert result["train"][precision]["images_per_s"] > 0
         assert math.isfinite(result["train"][precision]["loss"])
     assert result["eval"]["crops_per_image"] == 4  # 33x41: 1x2 windows of 33, 2 flips

@@ -13,7 +13,8 @@ when the absolute numbers are not comparable between machines:
 * ``eval``: the test path of ``tool/test.py`` (``util.inference.load_inference_model``'s model:
   BatchNorm folded, channels_last; ``predict_multiscale`` with the config's window batch) on one
   ``--image-size`` image: seconds per image and ``utilisation`` = model GFLOP done / seconds / matmul
-  GFLOP/s of the same dtype. ``--compare-naive`` also times the release's loop (one window and its
+  GFLOP/s of the same dtype, measured again just before that job (``matmul_gflops_before``; the
+  machine's speed drifts on a shared host). ``--compare-naive`` also times the release's loop (one window and its
   flip per forward, float32, NCHW, BatchNorm as is, float64 accumulation on the host, glibc's default
   allocator) and reports the speed-up and the fraction of pixels whose fast float32 prediction equals
   the naive one.
@@ -29,12 +30,16 @@ when the absolute numbers are not comparable between machines:
 * ``loss_curve`` (``--loss-curve N``): N training steps on real data from the same initial weights
   and batches in fp32 and in bf16, and once more in fp32 with other dropout masks (the noise).
 
+Every timed job is first warmed up until one untimed call is in steady state (fewer than 1024
+minor page faults, at most 4 calls; see ``warm_up``): what a long run spends per step, not the first steps'
+heap growth. The JSON records how many warm-up calls each job took.
+
 Like tool/train.py and tool/test.py, the run first applies ``util.perf.keep_freed_memory_for_reuse``
 (``--default-malloc`` skips it). Progress goes to stderr, the JSON alone to stdout (and to ``--output``;
 ``--markdown`` writes a table of the main numbers). The README's performance table:
 
     python tool/benchmark.py --config config/ade20k/ade20k_pyconvresnet50_pyconvsegnet.yaml \
-        --compare-naive --memory-check --markdown perf_ade20k.md
+        --compare-naive --memory-check --eval-iters 3 --train-iters 4 --markdown perf_ade20k.md
     python tool/benchmark.py --config config/camvid/camvid_pyconvresnet50_pyconvsegnet.yaml \
         --skip-eval --skip-train --agree-images 16 --loss-curve 20 --markdown perf_camvid.md \
         model_path exp/camvid/pyconvresnet50_pyconvsegnet/model/best_mIoU.pth
@@ -157,10 +162,44 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn: Callable[[], object], repeats: int, device: torch.device, warmup: int = 1) -> Dict:
-    """Best and median wall seconds of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
+def minor_page_faults() -> Optional[int]:
+    """Minor page faults of this process so far (None where ``resource`` is missing, e.g. Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def warm_up(fn: Callable[[], object], device: torch.device, max_calls: int = 4,
+            steady_faults: int = 1024) -> int:
+    """Call ``fn()`` until a call is in steady state; return how many calls that took.
+
+    Why: the first calls of a training step or a sliding-window job grow the heap to its
+    high-water mark, and every new page costs a fault and a kernel page clearing. That lasts 2-3
+    training steps of PyConvSegNet-50 at 473x473 here (about 1 s/step); a real run does
+    thousands of steps, so timing from the first step measures the heap's growth, not the run.
+    Steady = fewer than ``steady_faults`` minor page faults in one call, or ``max_calls`` calls.
+    """
+    for calls in range(1, max_calls + 1):
+        before = minor_page_faults()
         fn()
+        synchronize(device)
+        after = minor_page_faults()
+        if before is None or after - before < steady_faults:
+            return calls
+    return max_calls
+
+
+def time_calls(fn: Callable[[], object], repeats: int, device: torch.device, warmup: Optional[int] = None) -> Dict:
+    """Best and median wall seconds of ``fn()`` over ``repeats`` calls.
+
+    Before them, ``warmup`` untimed calls, or (None) :func:`warm_up` until the heap is steady.
+    """
+    warmup_calls = warm_up(fn, device) if warmup is None else warmup
+    if warmup is not None:
+        for _ in range(warmup):
+            fn()
     synchronize(device)
     times = []
     for _ in range(repeats):
@@ -168,7 +207,8 @@ def time_calls(fn: Callable[[], object], repeats: int, device: torch.device, war
         fn()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return {"best_s": min(times), "median_s": statistics.median(times), "times_s": times}
+    return {"best_s": min(times), "median_s": statistics.median(times), "times_s": times,
+            "warmup_calls": warmup_calls}
 
 
 def matmul_rate(dtype: torch.dtype, device: torch.device, size: int, repeats: int) -> Dict:
@@ -359,7 +399,7 @@ def naive_predict(model: nn.Module, image: np.ndarray, num_classes: int, crop: T
 
 
 def run_eval(cfg, args, overrides: Sequence[str], model: nn.Module, device: torch.device,
-             precisions: Sequence[str], limits: Dict[str, float], result: Dict) -> None:
+             precisions: Sequence[str], limit_now: Callable[[str], float], result: Dict) -> None:
     from util.inference import autocast_dtype_for, predict_multiscale
     from util.transforms import MEAN, STD
 
@@ -387,12 +427,13 @@ def run_eval(cfg, args, overrides: Sequence[str], model: nn.Module, device: torc
         def once():
             holder["pred"] = predict_multiscale(eval_model, image, **kwargs)
 
+        limit = limit_now(precision)
         timing = time_calls(once, args.eval_iters, device)
         predictions[precision] = holder["pred"].cpu()
         section[precision] = {
             "seconds_per_image": timing["best_s"], "seconds_median": timing["median_s"],
-            "gflops": gflop / timing["best_s"],
-            "utilisation": utilisation(gflop, timing["best_s"], limits.get(precision)),
+            "warmup_calls": timing["warmup_calls"], "gflops": gflop / timing["best_s"],
+            "matmul_gflops_before": limit, "utilisation": utilisation(gflop, timing["best_s"], limit),
         }
         log(f"eval {precision}: {timing['best_s']:.2f} s/image, {gflop / timing['best_s']:.1f} GFLOP/s, "
             f"utilisation {section[precision]['utilisation']:.2f}")
@@ -402,6 +443,7 @@ def run_eval(cfg, args, overrides: Sequence[str], model: nn.Module, device: torc
     if args.compare_naive:
         log("eval naive fp32 (one window + flip per forward, NCHW, float64 host accumulation) in a fresh process "
             "with glibc's default allocator, as the release ran")
+        naive_limit = limit_now("fp32") if "fp32" in precisions else None
         with tempfile.TemporaryDirectory() as folder:
             prediction_path = os.path.join(folder, "naive.npy")
             naive = run_child(args, overrides, device, ["--naive-job", prediction_path, "--default-malloc"])
@@ -409,7 +451,8 @@ def run_eval(cfg, args, overrides: Sequence[str], model: nn.Module, device: torc
                 naive_prediction = torch.from_numpy(np.load(prediction_path))
         if "error" not in naive:
             naive["gflops"] = gflop / naive["seconds_per_image"]
-            naive["utilisation"] = utilisation(gflop, naive["seconds_per_image"], limits.get("fp32"))
+            naive["matmul_gflops_before"] = naive_limit
+            naive["utilisation"] = utilisation(gflop, naive["seconds_per_image"], naive_limit)
             if "fp32" in section:
                 naive["speedup_fp32"] = naive["seconds_per_image"] / section["fp32"]["seconds_per_image"]
                 naive["fp32_equal_naive_fraction"] = (predictions["fp32"] == naive_prediction).double().mean().item()
@@ -422,6 +465,9 @@ def run_eval(cfg, args, overrides: Sequence[str], model: nn.Module, device: torc
 
 # ---------------------------------------------------------------------------------------------
 # Training
+
+
+TRAIN_WARMUP_MAX = 4  # untimed steps at most before the timed ones (see warm_up)
 
 
 def _train_setup(cfg, model: nn.Module, device: torch.device, total_iters: int):
@@ -448,7 +494,7 @@ def _random_batches(cfg, count: int, batch: int, crop: Tuple[int, int], seed: in
 
 
 def run_train(cfg, args, model: nn.Module, device: torch.device, precisions: Sequence[str],
-              limits: Dict[str, float], result: Dict) -> None:
+              limit_now: Callable[[str], float], result: Dict) -> None:
     from util import engine
 
     crop = _size_pair(args.train_crop, (cfg.train_h, cfg.train_w))
@@ -460,21 +506,26 @@ def run_train(cfg, args, model: nn.Module, device: torch.device, precisions: Seq
     warm, timed = _random_batches(cfg, 1, batch, crop, 1), _random_batches(cfg, args.train_iters, batch, crop, 2)
     for precision in precisions:
         log(f"train {precision}: batch {batch} of {crop[0]}x{crop[1]}, {args.train_iters} timed step(s)")
-        _, train_model, criterion, optimizer, scheduler = _train_setup(cfg, model, device, 1 + len(timed))
+        _, train_model, criterion, optimizer, scheduler = _train_setup(cfg, model, device,
+                                                                       TRAIN_WARMUP_MAX + len(timed))
         scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         amp_dtype = None if precision == "fp32" else PRECISION_DTYPES[precision]
         common = dict(aux_weight=cfg.aux_weight, num_classes=int(cfg.classes), ignore_index=cfg.ignore_label,
                       scaler=scaler, amp_dtype=amp_dtype, channels_last=bool(cfg.get("channels_last")),
                       print_freq=10 ** 9, logger=None, writer=None)
-        engine.train_one_epoch(train_model, warm, criterion, optimizer, scheduler, device, 0, **common)
-        synchronize(device)
+        def warm_step(parts=(train_model, criterion, optimizer, scheduler), common=common):
+            engine.train_one_epoch(parts[0], warm, parts[1], parts[2], parts[3], device, 0, **common)
+
+        warmup_steps = warm_up(warm_step, device, max_calls=TRAIN_WARMUP_MAX)
+        limit = limit_now(precision)
         start = time.perf_counter()
         stats = engine.train_one_epoch(train_model, timed, criterion, optimizer, scheduler, device, 1, **common)
         synchronize(device)
         seconds = (time.perf_counter() - start) / len(timed)
-        section[precision] = {"seconds_per_step": seconds, "images_per_s": batch / seconds,
+        section[precision] = {"seconds_per_step": seconds, "warmup_steps": warmup_steps, "matmul_gflops_before": limit,
+                              "images_per_s": batch / seconds,
                               "gflops": flop["total"] / seconds,
-                              "utilisation": utilisation(flop["total"], seconds, limits.get(precision)),
+                              "utilisation": utilisation(flop["total"], seconds, limit),
                               "loss": stats["loss"]}
         log(f"train {precision}: {seconds:.2f} s/step, {batch / seconds:.2f} images/s, "
             f"utilisation {section[precision]['utilisation']:.2f}")
@@ -622,7 +673,7 @@ def naive_job(cfg, args, device: torch.device) -> Dict:
     timing = time_calls(once, args.eval_iters, device)
     np.save(args.naive_job, holder["pred"].numpy())
     return {"seconds_per_image": timing["best_s"], "seconds_median": timing["median_s"],
-            "allocator": "glibc default", "process": "separate"}
+            "warmup_calls": timing["warmup_calls"], "allocator": "glibc default", "process": "separate"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -737,8 +788,14 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
     log(f"matmul {args.matmul_size}^3 in {', '.join(precisions)}")
     result["matmul"] = {p: matmul_rate(PRECISION_DTYPES[p], device, args.matmul_size, args.matmul_repeats)
                         for p in precisions}
-    limits = {p: r["gflops"] for p, r in result["matmul"].items()}
-    log("matmul GFLOP/s: " + ", ".join(f"{p} {v:.1f}" for p, v in limits.items()))
+    log("matmul GFLOP/s: " + ", ".join(f"{p} {r['gflops']:.1f}" for p, r in result["matmul"].items()))
+
+    def limit_now(precision: str) -> float:
+        """The matmul rate measured again just before a timed job: on a shared host the machine's
+        speed drifts over minutes, and a ratio is only fair between numbers measured side by side."""
+        rate = matmul_rate(PRECISION_DTYPES[precision], device, args.matmul_size, args.matmul_repeats)["gflops"]
+        log(f"matmul {precision} just before the job: {rate:.1f} GFLOP/s")
+        return rate
 
     from model import build_model
 
@@ -748,9 +805,9 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
     result["model"]["parameters_m"] = sum(p.numel() for p in model.parameters()) / 1e6
 
     if not args.skip_eval:
-        run_eval(cfg, args, overrides, model, device, precisions, limits, result)
+        run_eval(cfg, args, overrides, model, device, precisions, limit_now, result)
     if not args.skip_train:
-        run_train(cfg, args, model, device, precisions, limits, result)
+        run_train(cfg, args, model, device, precisions, limit_now, result)
     if not args.skip_data:
         run_data(cfg, args, device, result)
         if "train" in result and "samples_per_s" in result["data"]:
@@ -803,15 +860,17 @@ def markdown_table(result: Dict) -> str:
              f"{result['model']['layers']}, weights {result['model']['weights']}.", "",
              "| measurement | " + " | ".join(p for p in matmul) + " |",
              "| --- | " + " | ".join("---" for _ in matmul) + " |",
-             "| matmul 4096^3, GFLOP/s (the limit) | " + " | ".join(f"{matmul[p]['gflops']:.0f}" for p in matmul) + " |"]
+             "| matmul 4096^3, GFLOP/s at the start (the limit) | " + " | ".join(f"{matmul[p]['gflops']:.0f}" for p in matmul) + " |"]
     ev = result.get("eval")
     if ev:
         where = (f"{ev['image_size'][0]}x{ev['image_size'][1]} image, scales {ev['scales']}, {ev['crops_per_image']} "
                  f"crops of {ev['crop'][0]} ({ev['gflop_per_image']:.0f} GFLOP)")
         lines.append(f"| sliding-window test, s/image ({where}) | " +
                      " | ".join(f"{ev[p]['seconds_per_image']:.2f}" if p in ev else "" for p in matmul) + " |")
-        lines.append("| sliding-window test, utilisation | " +
+        lines.append("| sliding-window test, utilisation (of the matmul rate just before it) | " +
                      " | ".join(pct(ev[p]["utilisation"]) if p in ev else "" for p in matmul) + " |")
+        lines.append("| matmul GFLOP/s just before the sliding-window test | " +
+                     " | ".join(f"{ev[p]['matmul_gflops_before']:.0f}" if p in ev else "" for p in matmul) + " |")
         naive = ev.get("naive_fp32")
         if naive:
             lines.append(f"| release-style loop (1 window/forward, NCHW), s/image | {naive['seconds_per_image']:.2f} |"
@@ -827,8 +886,10 @@ def markdown_table(result: Dict) -> str:
         lines.append(f"| training, images/s (batch {tr['batch']}, {tr['crop'][0]}x{tr['crop'][1]}, "
                      f"{tr['gflop_per_step']:.0f} GFLOP/step) | " +
                      " | ".join(f"{tr[p]['images_per_s']:.2f}" if p in tr else "" for p in matmul) + " |")
-        lines.append("| training, utilisation | " +
+        lines.append("| training, utilisation (of the matmul rate just before it) | " +
                      " | ".join(pct(tr[p]["utilisation"]) if p in tr else "" for p in matmul) + " |")
+        lines.append("| matmul GFLOP/s just before the training steps | " +
+                     " | ".join(f"{tr[p]['matmul_gflops_before']:.0f}" if p in tr else "" for p in matmul) + " |")
     data = result.get("data") or {}
     if "samples_per_s" in data:
         lines.append(f"| data loading, samples/s ({data['workers']} workers, {data['crop'][0]}x{data['crop'][1]}) | "
