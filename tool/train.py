@@ -23,7 +23,6 @@ import argparse
 import math
 import os
 import random
-import re
 import sys
 import time
 import uuid
@@ -37,12 +36,12 @@ import torch  # noqa: E402
 
 from util import distributed as dist_utils  # noqa: E402
 from util import engine  # noqa: E402  (engine.train_one_epoch is looked up at call time: tests patch it)
+from util.checkpoint import (BEST_CHECKPOINT, check_training_checkpoint, checkpoint_path,  # noqa: E402
+                              find_resume_checkpoint, make_checkpoint, prune_checkpoints, save_training_checkpoint)
 from util.cli import exit_with, run_cli  # noqa: E402
 from util.config import ConfigError, check_device_support, load_cfg  # noqa: E402
 from util.misc import format_seconds, get_logger, set_seed  # noqa: E402
 
-CHECKPOINT_PATTERN = re.compile(r"^train_epoch_(\d+)\.pth$")
-BEST_CHECKPOINT = "best_mIoU.pth"
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -97,73 +96,12 @@ def check_run_config(cfg) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def checkpoint_path(save_path: str, epoch: int) -> str:
-    return os.path.join(save_path, f"train_epoch_{epoch}.pth")
-
-
-def list_epoch_checkpoints(save_path: str) -> List[tuple]:
-    """``[(epoch, path), ...]`` of ``train_epoch_N.pth`` files in ``save_path``, oldest first."""
-    if not os.path.isdir(save_path):
-        return []
-    found = []
-    for name in os.listdir(save_path):
-        match = CHECKPOINT_PATTERN.match(name)
-        if match:
-            found.append((int(match.group(1)), os.path.join(save_path, name)))
-    return sorted(found)
-
-
-def prune_checkpoints(save_path: str, keep: int) -> None:
-    for _, path in list_epoch_checkpoints(save_path)[:-keep]:
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
-
-
-def make_checkpoint(epoch: int, model, optimizer, scheduler, scaler, best_miou: float, cfg) -> Dict[str, Any]:
-    """The saved training state (plain data and tensors only: loadable with weights_only=True)."""
-    from util.checkpoint import add_module_prefix
-
-    return {
-        "epoch": int(epoch),
-        "state_dict": add_module_prefix(model.state_dict()),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "best_mIoU": float(best_miou),
-        "cfg": cfg.to_dict(),
-    }
-
-
-def check_training_checkpoint(checkpoint: Any, path: str) -> None:
-    """Raise CheckpointError unless ``checkpoint`` is a training checkpoint written by this tool."""
-    from util.checkpoint import CheckpointError
-
-    required = ("epoch", "state_dict", "optimizer")
-    missing = [key for key in required if not isinstance(checkpoint, dict) or key not in checkpoint]
-    if missing or not isinstance(checkpoint["epoch"], int) or not isinstance(checkpoint.get("cfg") or {}, dict):
-        found = (f"keys {sorted(map(str, checkpoint))[:8]}" if isinstance(checkpoint, dict)
-                 else type(checkpoint).__name__)
-        raise CheckpointError(f"{path} is not a training checkpoint of tool/train.py (needs {', '.join(required)}; "
-                              f"found {found}); to start a new run from its weights use 'weight {path}' instead "
-                              f"of resume")
-
-
-def resolve_resume(cfg, logger) -> Optional[str]:
-    """The checkpoint to resume from, or None (``resume: auto`` with nothing saved yet)."""
-    if not cfg.resume:
-        return None
-    if cfg.resume == "auto":
-        found = list_epoch_checkpoints(cfg.save_path)
-        if not found:
-            logger.info(f"resume auto: no train_epoch_N.pth in {cfg.save_path}; starting from scratch")
-            return None
-        return found[-1][1]
-    return cfg.resume
+def _resume_path(cfg, logger) -> Optional[str]:
+    """The checkpoint to resume from, or None (no ``resume``, or ``resume: auto`` with nothing saved yet)."""
+    path = find_resume_checkpoint(cfg.resume, cfg.save_path)
+    if cfg.resume == "auto" and path is None:
+        logger.info(f"resume auto: no train_epoch_N.pth in {cfg.save_path}; starting from scratch")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,7 +197,7 @@ def _train(cfg, ctx) -> Dict[str, Any]:
         for stale in remove_stale_temporaries(cfg.save_path):
             logger.info(f"removed {stale}: the partial write of a checkpoint by an interrupted run")
     # The checkpoint is read first: a run without manual_seed continues with the seed it started with.
-    resume_path = dist_utils.broadcast_object(resolve_resume(cfg, logger) if ctx.is_main else None)
+    resume_path = dist_utils.broadcast_object(_resume_path(cfg, logger) if ctx.is_main else None)
     checkpoint = load_checkpoint_file(resume_path) if resume_path is not None else None
     if checkpoint is not None:
         check_training_checkpoint(checkpoint, resume_path)
@@ -381,14 +319,14 @@ def _train(cfg, ctx) -> Dict[str, Any]:
                 if epoch_log % cfg.save_freq == 0 or epoch_log == cfg.epochs:
                     checkpoint = make_checkpoint(epoch_log, model, optimizer, scheduler, scaler, best_miou, cfg)
                     path = checkpoint_path(cfg.save_path, epoch_log)
-                    _save(checkpoint, path)
+                    save_training_checkpoint(checkpoint, path)
                     prune_checkpoints(cfg.save_path, cfg.keep_checkpoints)
                     logger.info(f"saved {path}")
                 if improved:
                     if checkpoint is None:
                         checkpoint = make_checkpoint(epoch_log, model, optimizer, scheduler, scaler, best_miou, cfg)
                     path = os.path.join(cfg.save_path, BEST_CHECKPOINT)
-                    _save(checkpoint, path)
+                    save_training_checkpoint(checkpoint, path)
                     logger.info(f"new best validation mIoU {best_miou:.4f}: saved {path}")
                 del checkpoint
     finally:
@@ -398,17 +336,6 @@ def _train(cfg, ctx) -> Dict[str, Any]:
     logger.info("training finished")
     return {"epochs": cfg.epochs, "best_mIoU": best_miou, "train": train_stats, "val": val_stats,
             "save_path": cfg.save_path}
-
-
-def _save(checkpoint: Dict[str, Any], path: str) -> None:
-    from util.checkpoint import CheckpointError, save_checkpoint
-
-    try:
-        save_checkpoint(checkpoint, path)
-    except OSError as exc:
-        raise CheckpointError(f"could not write checkpoint {path}: {exc.strerror or exc}; the checkpoints "
-                              f"already in {os.path.dirname(path)} are intact (free space, then "
-                              f"'resume auto' continues from the newest)") from None
 
 
 # ---------------------------------------------------------------------------------------------
