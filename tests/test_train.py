@@ -296,6 +296,25 @@ def test_best_miou_survives_resume_and_old_checkpoints_are_pruned(tmp_path, monk
         ["train_epoch_2.pth", "train_epoch_3.pth"]  # keep_checkpoints 2
 
 
+def test_resume_at_the_last_epoch_applies_keep_checkpoints(tmp_path, monkeypatch, train_tool):
+    """A run killed after writing its last train_epoch_N.pth but before pruning the older ones:
+    resuming it has nothing left to train, and still leaves only the newest keep_checkpoints files."""
+    config = write_config(tmp_path, epochs=3, save_freq=1, keep_checkpoints=3, resume="auto")
+
+    def fake_train(*args, **kwargs):
+        return {"loss": 1.0, "main_loss": 1.0, "aux_loss": 0.0, "mIoU": 0.1, "mAcc": 0.1, "allAcc": 0.1}
+
+    monkeypatch.setattr(engine, "train_one_epoch", fake_train)
+    train_tool.main(["--config", str(config)])
+    model_dir = tmp_path / "model"
+    assert sorted(p for p in os.listdir(model_dir) if p.startswith("train_epoch")) == \
+        ["train_epoch_1.pth", "train_epoch_2.pth", "train_epoch_3.pth"]
+    summary = train_tool.main(["--config", str(config), "keep_checkpoints", "2"])
+    assert summary["epochs"] == 3
+    assert sorted(p for p in os.listdir(model_dir) if p.startswith("train_epoch")) == \
+        ["train_epoch_2.pth", "train_epoch_3.pth"]
+
+
 def _forbid_model_build(monkeypatch):
     import model
 

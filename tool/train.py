@@ -259,6 +259,11 @@ def _train(cfg, ctx) -> Dict[str, Any]:
         best_miou = float(checkpoint.get("best_mIoU", 0.0))
         logger.info(f"resumed from {resume_path}: {start_epoch} epoch(s) done, best mIoU {best_miou:.4f}")
         del checkpoint
+        if ctx.is_main and cfg.resume == "auto":
+            # A run killed between writing train_epoch_N.pth and pruning the older ones (or resumed
+            # with a smaller keep_checkpoints) leaves extra files: apply the policy now, since a run
+            # resumed at its last epoch writes nothing more. The newest file, just loaded, is kept.
+            prune_checkpoints(cfg.save_path, cfg.keep_checkpoints)
     if start_epoch >= cfg.epochs:
         logger.info(f"nothing to do: {start_epoch} epochs already done of {cfg.epochs}")
     # Also right for a run whose length (epochs, batch size, processes) changed since the checkpoint.
