@@ -73,10 +73,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     args, cfg = parse_cli(argv, __doc__.split("\n\n")[0], add_flags)
 
-    from util.dataset import load_image, load_label, read_colors, read_list
+    from util.dataset import load_image, load_label, read_list
     from util.inference import inference_kwargs, load_inference_model, predict_multiscale
     from util.misc import select_device
-    from util.visualize import colorize, default_palette
+    from util.visualize import colorize, config_palette
 
     model_path = args.model or cfg.model_path
     list_path = args.list or cfg.test_list
@@ -88,7 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = select_device(cfg.device)
     model = load_inference_model(cfg, model_path, device)
     kwargs = inference_kwargs(cfg)
-    palette = read_colors(cfg.colors_path, cfg.classes) if cfg.colors_path else default_palette(cfg.classes)
+    palette = config_palette(cfg)
 
     rows = []
     for image_path, label_path in entries:

@@ -20,10 +20,10 @@ import torch  # noqa: E402
 
 from util.cli import exit_with, run_cli  # noqa: E402
 from util.config import ConfigError, check_device_support, parse_cli  # noqa: E402
-from util.dataset import load_image, read_colors, read_names  # noqa: E402
+from util.dataset import load_image  # noqa: E402
 from util.inference import inference_kwargs, load_inference_model, predict_multiscale  # noqa: E402
 from util.misc import get_logger, select_device  # noqa: E402
-from util.visualize import colorize, default_palette, overlay, save_gray, save_rgb  # noqa: E402
+from util.visualize import colorize, config_class_names, config_palette, overlay, save_gray, save_rgb  # noqa: E402
 
 
 def _add_arguments(parser) -> None:
@@ -47,7 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f"scales {kwargs['scales']}, base_size {cfg.base_size}")
     gray = predict_multiscale(model, image, **kwargs).to("cpu", torch.uint8).numpy()
 
-    palette = read_colors(cfg.colors_path, cfg.classes) if cfg.colors_path else default_palette(cfg.classes)
+    palette = config_palette(cfg)
     color = colorize(gray, palette)
     output = Path(args.output)
     stem = Path(args.image).stem
@@ -56,7 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     save_rgb(paths["color"], color)
     save_rgb(paths["overlay"], overlay(image, color, args.alpha))
 
-    names = read_names(cfg.names_path, cfg.classes) if cfg.names_path else [str(c) for c in range(cfg.classes)]
+    names = config_class_names(cfg)
     ids, counts = np.unique(gray, return_counts=True)
     for class_id, count in sorted(zip(ids.tolist(), counts.tolist()), key=lambda item: -item[1])[:10]:
         logger.info(f"  {names[class_id]:<20s} {100.0 * count / gray.size:6.2f}% of pixels")

@@ -30,11 +30,11 @@ import torch  # noqa: E402
 from util.checkpoint import CheckpointError  # noqa: E402
 from util.cli import exit_with, run_cli  # noqa: E402
 from util.config import ConfigError, check_device_support, parse_cli  # noqa: E402
-from util.dataset import DataError, load_image, load_label, read_colors, read_list_entries, read_names  # noqa: E402
+from util.dataset import DataError, ListEntry, load_image, load_label, read_list_entries  # noqa: E402
 from util.inference import inference_kwargs, load_inference_model, predict_multiscale  # noqa: E402
 from util.metrics import confusion_matrix, metrics_from_confusion, nan_to_none  # noqa: E402
 from util.misc import format_seconds, get_logger, select_device  # noqa: E402
-from util.visualize import colorize, default_palette, save_gray, save_rgb  # noqa: E402
+from util.visualize import colorize, config_class_names, config_palette, save_gray, save_rgb  # noqa: E402
 
 LOG_EVERY = 10  # images between progress lines (as the release)
 
@@ -45,11 +45,11 @@ def select_items(items: Sequence, index_start: int, index_step: int) -> list:
     return list(items[index_start:end])
 
 
-def image_names(entries: Sequence[Tuple[str, Optional[str]]]) -> List[str]:
+def image_names(entries: Sequence[ListEntry]) -> List[str]:
     """Output names (image file name without extension); duplicates would overwrite each other."""
-    names = [Path(image_path).stem for image_path, _ in entries]
+    names = [Path(entry.image_path).stem for entry in entries]
     seen = {}
-    for name, (image_path, _) in zip(names, entries):
+    for name, (image_path, _, _) in zip(names, entries):
         if name in seen:
             raise DataError(f"two images of the list would write the same output name '{name}': "
                             f"{seen[name]} and {image_path}")
@@ -95,17 +95,17 @@ def check_listed_files(entries: Sequence, list_path, need_images: bool, need_lab
                 raise DataError(f"list {list_path} line {entry.line_number}: {kind} not found: {path}")
 
 
-def evaluate_run(cfg, model_path: Optional[str], save_folder: str, entries, names, device: torch.device,
-                 rank: int, world_size: int, logger, model=None, line_numbers: Optional[Sequence[int]] = None):
+def evaluate_run(cfg, model_path: Optional[str], save_folder: str, entries: Sequence[ListEntry],
+                 names: Sequence[str], device: torch.device, rank: int, world_size: int, logger) -> Optional[dict]:
     """Predict (or read saved predictions) for this process's share of ``entries`` and score them.
 
-    ``line_numbers[i]`` is the list-file line of ``entries[i]`` (for error messages).
-    Returns ``(metrics dict or None, model)``; the model is returned for reuse by the next run.
+    ``names[i]`` is the output file name of ``entries[i]``. Returns the metrics dict (None for an
+    unlabelled split).
     """
     labelled = cfg.split != "test"
     gray_folder = Path(save_folder) / "gray"
     color_folder = Path(save_folder) / "color"
-    palette = (read_colors(cfg.colors_path, cfg.classes) if cfg.colors_path else default_palette(cfg.classes))
+    palette = config_palette(cfg)
     kwargs = inference_kwargs(cfg)
 
     if not cfg.has_prediction:
@@ -119,9 +119,9 @@ def evaluate_run(cfg, model_path: Optional[str], save_folder: str, entries, name
     total_cm = torch.zeros((cfg.classes, cfg.classes), dtype=torch.int64, device=device)
     start = time.time()
     for done, index in enumerate(my_indices, 1):
-        image_path, label_path = entries[index]
+        image_path, label_path, line_number = entries[index]
         name = names[index]
-        where = f"list {cfg.test_list}" + (f" line {line_numbers[index]}" if line_numbers is not None else "")
+        where = f"list {cfg.test_list} line {line_number}"
         gray_path = gray_folder / f"{name}.png"
         if cfg.has_prediction:
             if not gray_path.is_file():
@@ -158,11 +158,11 @@ def evaluate_run(cfg, model_path: Optional[str], save_folder: str, entries, name
         all_reduce_sum(counts)
     if not labelled:
         logger.info(f"<<<<<<<<<<<<<<<<< End Evaluation: predictions in {save_folder} <<<<<<<<<<<<<<<<<")
-        return None, model
+        return None
 
     metrics = metrics_from_confusion(total_cm)
     if rank == 0:
-        class_names = read_names(cfg.names_path, cfg.classes) if cfg.names_path else [str(c) for c in range(cfg.classes)]
+        class_names = config_class_names(cfg)
         logger.info(f"Eval result: mIoU/mAcc/allAcc {metrics['mIoU']:.4f}/{metrics['mAcc']:.4f}/"
                     f"{metrics['allAcc']:.4f}.")
         for class_id, (iou, acc, class_name) in enumerate(zip(metrics["iou"], metrics["acc"], class_names)):
@@ -189,7 +189,7 @@ def evaluate_run(cfg, model_path: Optional[str], save_folder: str, entries, name
         os.replace(tmp_path, metrics_path)
         logger.info(f"=> metrics written to {metrics_path}")
         logger.info("<<<<<<<<<<<<<<<<< End Evaluation <<<<<<<<<<<<<<<<<")
-    return metrics, model
+    return metrics
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -203,19 +203,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         runs = _runs(cfg)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # every window has the same shape
-        listed = select_items(read_list_entries(cfg.test_list, cfg.data_root, cfg.split), cfg.index_start,
-                              cfg.index_step)
-        check_listed_files(listed, cfg.test_list, need_images=not cfg.has_prediction, need_labels=cfg.split != "test")
-        entries = [(entry.image_path, entry.label_path) for entry in listed]
-        line_numbers = [entry.line_number for entry in listed]
+        entries = select_items(read_list_entries(cfg.test_list, cfg.data_root, cfg.split), cfg.index_start,
+                               cfg.index_step)
+        check_listed_files(entries, cfg.test_list, need_images=not cfg.has_prediction,
+                           need_labels=cfg.split != "test")
         names = image_names(entries)
         logger.info(f"=> {len(entries)} images of {cfg.test_list} (split {cfg.split}), {world_size} process(es)")
-        model = None
         for model_path, save_folder in runs:
             source = f"saved predictions in {save_folder}" if cfg.has_prediction else f"{model_path} -> {save_folder}"
             logger.info(f">>>>>>>>>>>>>>>> Start Evaluation: {source}")
-            _, model = evaluate_run(cfg, model_path, save_folder, entries, names, device, rank, world_size,
-                                    logger, model=model, line_numbers=line_numbers)
+            evaluate_run(cfg, model_path, save_folder, entries, names, device, rank, world_size, logger)
     finally:
         if context is not None:
             from util.distributed import cleanup
