@@ -1,7 +1,7 @@
 """Fault suite, part 2: untrusted checkpoints and bad data, through tool/train.py and tool/test.py alike.
 
-Each fault goes through the tools' command-line entry points (``cli()`` of tool/train.py and ``_cli()`` of
-tool/test.py, in-process for speed, plus a few real subprocesses): the run either works, or stops with
+Each fault goes through the tools' command-line entry point (``util.cli.run_cli(tool.main)``, what their
+``__main__`` runs, in-process for speed, plus a few real subprocesses): the run either works, or stops with
 status 1 and ONE line naming the file (and, for data, the list file and line) -- never a traceback.
 The model is a ResNet-50 at output stride 32 on 33x33 crops of 40x44 synthetic images (CPU, one thread).
 """
@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+
+from util import cli as util_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASSES = 3
@@ -184,10 +186,9 @@ def world(tmp_path_factory):
 
 def run_cli(tool, monkeypatch, capsys, argv):
     """Call the tool's command-line entry point in-process: (exit status, stdout, stderr)."""
-    entry = tool.cli if hasattr(tool, "cli") else tool._cli
     with monkeypatch.context() as patch:
         patch.setattr(sys, "argv", ["tool.py", *map(str, argv)])
-        status = entry()
+        status = util_cli.run_cli(tool.main)
     captured = capsys.readouterr()
     return status, captured.out, captured.err
 

@@ -25,6 +25,7 @@ import torch
 
 from tiny_runs import load_script, write_tiny_config
 from util.checkpoint import load_checkpoint_file, save_checkpoint
+from util.cli import run_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO_ROOT / "tool" / "train.py"
@@ -385,7 +386,7 @@ def test_disk_full_during_training_previous_checkpoint_intact_then_resume(tmp_pa
     save_path = tmp_path / "model"
     calls = fill_disk_on_checkpoint_write(monkeypatch, from_call=2)  # epoch 1 saves, epoch 2 finds the disk full
     monkeypatch.setattr(sys, "argv", ["train.py", "--config", str(config)])
-    assert train_tool.cli() == 1
+    assert run_cli(train_tool.main) == 1
     assert len(calls) == 2
     message = assert_one_line_error(capsys.readouterr().err, "error: could not write checkpoint",
                                     str(save_path / "train_epoch_2.pth"), "No space left on device", "intact")
@@ -468,7 +469,7 @@ def test_config_error_before_model_is_built(tmp_path, monkeypatch, capsys, train
     config, overrides, fragment = _config_case(tmp_path, case)
     _forbid_heavy_work(monkeypatch)
     monkeypatch.setattr(sys, "argv", ["train.py", "--config", str(config), *overrides])
-    assert train_tool.cli() == 2
+    assert run_cli(train_tool.main) == 2
     assert_one_line_error(capsys.readouterr().err, "config error: ", fragment)
     if not case.startswith("save-path"):
         assert not (tmp_path / "model").exists()  # nothing written either

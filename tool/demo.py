@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from util.cli import exit_with, run_cli  # noqa: E402
+from util.cli import exit_with  # noqa: E402
 from util.config import ConfigError, check_device_support, parse_cli  # noqa: E402
 from util.dataset import load_image  # noqa: E402
 from util.inference import inference_kwargs, load_inference_model, predict_multiscale  # noqa: E402
@@ -63,10 +63,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for kind, path in paths.items():
         logger.info(f"=> {kind}: {path}")
     return 0
-
-
-def _cli() -> int:
-    return run_cli(main)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from util.checkpoint import CheckpointError  # noqa: E402
-from util.cli import exit_with, run_cli  # noqa: E402
+from util.cli import exit_with  # noqa: E402
 from util.config import ConfigError, check_device_support, parse_cli  # noqa: E402
 from util.dataset import DataError, ListEntry, load_image, load_label, read_list_entries  # noqa: E402
 from util.inference import inference_kwargs, load_inference_model, predict_multiscale  # noqa: E402
@@ -219,10 +219,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             cleanup()
     return 0
-
-
-def _cli() -> int:
-    return run_cli(main)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from util import distributed as dist_utils  # noqa: E402
 from util import engine  # noqa: E402  (engine.train_one_epoch is looked up at call time: tests patch it)
 from util.checkpoint import (BEST_CHECKPOINT, check_training_checkpoint, checkpoint_path,  # noqa: E402
                               find_resume_checkpoint, make_checkpoint, prune_checkpoints, save_training_checkpoint)
-from util.cli import exit_with, run_cli  # noqa: E402
+from util.cli import exit_with  # noqa: E402
 from util.config import ConfigError, check_device_support, load_cfg  # noqa: E402
 from util.misc import format_seconds, get_logger, set_seed  # noqa: E402
 
@@ -376,11 +376,6 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
         launch_spawned(cfg, args.config, args.opts)
         return None
     return run(cfg)
-
-
-def cli() -> int:
-    """``main()`` with known errors printed as one line (exit status 2 for config, 1 otherwise)."""
-    return run_cli(main)
 
 
 if __name__ == "__main__":
