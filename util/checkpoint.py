@@ -352,12 +352,6 @@ def _fsync_directory(directory: str) -> None:
         os.close(descriptor)
 
 
-__all__ = ["CheckpointError", "load_checkpoint_file", "extract_state_dict", "strip_wrapper_prefixes",
-           "add_module_prefix", "unwrap_model", "describe_mismatch", "load_model_weights",
-           "imagenet_to_segmentation_keys", "load_pretrained_backbone", "save_checkpoint",
-           "remove_stale_temporaries"]
-
-
 # ---------------------------------------------------------------------------------------------
 # Training checkpoints of tool/train.py: train_epoch_N.pth and best_mIoU.pth in save_path
 
@@ -440,3 +434,11 @@ def save_training_checkpoint(checkpoint: dict, path: PathLike) -> None:
         raise CheckpointError(f"could not write checkpoint {os.fspath(path)}: {exc.strerror or exc}; the checkpoints "
                               f"already in {os.path.dirname(os.fspath(path))} are intact (free space, then "
                               f"'resume auto' continues from the newest)") from None
+
+
+__all__ = ["CheckpointError", "load_checkpoint_file", "extract_state_dict", "strip_wrapper_prefixes",
+           "add_module_prefix", "unwrap_model", "describe_mismatch", "load_model_weights",
+           "imagenet_to_segmentation_keys", "load_pretrained_backbone", "save_checkpoint",
+           "remove_stale_temporaries", "BEST_CHECKPOINT", "checkpoint_path", "list_epoch_checkpoints",
+           "prune_checkpoints", "find_resume_checkpoint", "make_checkpoint", "check_training_checkpoint",
+           "save_training_checkpoint"]
