@@ -69,6 +69,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from util.config import ConfigError, load_cfg  # noqa: E402
+from util.inference import autocast_dtype_for  # noqa: E402
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MEMORY_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -153,6 +154,14 @@ def _size_pair(value: Optional[Sequence[int]], default: Tuple[int, int]) -> Tupl
     return (int(value[0]), int(value[0])) if len(value) == 1 else (int(value[0]), int(value[1]))
 
 
+def eval_settings(cfg, args) -> Tuple[Tuple[int, int], List[float], Optional[int]]:
+    """(crop, scales, base_size) of the timed test: the options, else the config's TEST keys."""
+    crop = _size_pair(args.crop, (cfg.test_h, cfg.test_w))
+    scales = [float(s) for s in (args.scales or cfg.scales)]
+    base_size = cfg.base_size if args.base_size is None else args.base_size
+    return crop, scales, base_size
+
+
 # ---------------------------------------------------------------------------------------------
 # Timing helpers
 
@@ -162,12 +171,8 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def minor_page_faults() -> Optional[int]:
-    """Minor page faults of this process so far (None where ``resource`` is missing, e.g. Windows)."""
-    try:
-        import resource
-    except ImportError:
-        return None
+def minor_page_faults() -> int:
+    """Minor page faults of this process so far."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
@@ -185,8 +190,7 @@ def warm_up(fn: Callable[[], object], device: torch.device, max_calls: int = 4,
         before = minor_page_faults()
         fn()
         synchronize(device)
-        after = minor_page_faults()
-        if before is None or after - before < steady_faults:
+        if minor_page_faults() - before < steady_faults:
             return calls
     return max_calls
 
@@ -196,10 +200,12 @@ def time_calls(fn: Callable[[], object], repeats: int, device: torch.device, war
 
     Before them, ``warmup`` untimed calls, or (None) :func:`warm_up` until the heap is steady.
     """
-    warmup_calls = warm_up(fn, device) if warmup is None else warmup
-    if warmup is not None:
+    if warmup is None:
+        warmup_calls = warm_up(fn, device)
+    else:
         for _ in range(warmup):
             fn()
+        warmup_calls = warmup
     synchronize(device)
     times = []
     for _ in range(repeats):
@@ -400,12 +406,10 @@ def naive_predict(model: nn.Module, image: np.ndarray, num_classes: int, crop: T
 
 def run_eval(cfg, args, overrides: Sequence[str], model: nn.Module, device: torch.device,
              precisions: Sequence[str], limit_now: Callable[[str], float], result: Dict) -> None:
-    from util.inference import autocast_dtype_for, predict_multiscale
+    from util.inference import predict_multiscale
     from util.transforms import MEAN, STD
 
-    crop = _size_pair(args.crop, (cfg.test_h, cfg.test_w))
-    scales = [float(s) for s in (args.scales or cfg.scales)]
-    base_size = cfg.base_size if args.base_size is None else args.base_size
+    crop, scales, base_size = eval_settings(cfg, args)
     window_batch = int(args.window_batch or cfg.test_batch_size)
     image_size = tuple(args.image_size)
     image = synthetic_image(*image_size)
@@ -509,7 +513,7 @@ def run_train(cfg, args, model: nn.Module, device: torch.device, precisions: Seq
         _, train_model, criterion, optimizer, scheduler = _train_setup(cfg, model, device,
                                                                        TRAIN_WARMUP_MAX + len(timed))
         scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-        amp_dtype = None if precision == "fp32" else PRECISION_DTYPES[precision]
+        amp_dtype = autocast_dtype_for(precision)
         common = dict(aux_weight=cfg.aux_weight, num_classes=int(cfg.classes), ignore_index=cfg.ignore_label,
                       scaler=scaler, amp_dtype=amp_dtype, channels_last=bool(cfg.get("channels_last")),
                       print_freq=10 ** 9, logger=None, writer=None)
@@ -533,6 +537,18 @@ def run_train(cfg, args, model: nn.Module, device: torch.device, precisions: Seq
     result["train"] = section
 
 
+def training_dataset(cfg):
+    """The training dataset of ``cfg`` with its augmentation (seed ``manual_seed``), as tool/train.py
+    reads it; None when ``train_list`` does not exist."""
+    from util.dataset import SegDataset
+    from util.transforms import build_train_transform
+
+    if not cfg.train_list or not os.path.isfile(cfg.train_list):
+        return None
+    return SegDataset("train", cfg.data_root, cfg.train_list, transform=build_train_transform(cfg),
+                      seed=int(cfg.manual_seed or 0), num_classes=cfg.classes, ignore_label=cfg.ignore_label)
+
+
 def run_loss_curve(cfg, args, device: torch.device, result: Dict) -> None:
     """``args.loss_curve`` training steps on real data from the config's initial weights (ImageNet
     backbone when ``pretrained`` is set, else random with seed ``manual_seed``), the same batches
@@ -540,16 +556,13 @@ def run_loss_curve(cfg, args, device: torch.device, result: Dict) -> None:
     run-to-run noise that the bf16-vs-fp32 difference is to be judged against."""
     from model import build_model
     from util import engine
-    from util.dataset import SegDataset
-    from util.transforms import build_train_transform
 
-    if not cfg.train_list or not os.path.isfile(cfg.train_list):
+    dataset = training_dataset(cfg)
+    if dataset is None:
         result["loss_curve"] = {"skipped": f"train_list {cfg.train_list} not found"}
         return
     steps = args.loss_curve
     seed = int(cfg.manual_seed or 0)
-    dataset = SegDataset("train", cfg.data_root, cfg.train_list, transform=build_train_transform(cfg),
-                         seed=seed, num_classes=cfg.classes, ignore_label=cfg.ignore_label)
     batch = int(cfg.batch_size)
     batches = []
     for step in range(steps):
@@ -562,7 +575,7 @@ def run_loss_curve(cfg, args, device: torch.device, result: Dict) -> None:
         log(f"loss curve {run_name}: {steps} steps of batch {batch}")
         torch.manual_seed(dropout_seed)
         _, train_model, criterion, optimizer, scheduler = _train_setup(cfg, start, device, steps)
-        amp_dtype = None if precision == "fp32" else PRECISION_DTYPES[precision]
+        amp_dtype = autocast_dtype_for(precision)
         losses = []
         for index, item in enumerate(batches):
             stats = engine.train_one_epoch(train_model, [item], criterion, optimizer, scheduler, device, index,
@@ -589,14 +602,11 @@ def run_loss_curve(cfg, args, device: torch.device, result: Dict) -> None:
 
 
 def run_data(cfg, args, device: torch.device, result: Dict) -> None:
-    from util.dataset import SegDataset
-    from util.transforms import build_train_transform
 
-    if not cfg.train_list or not os.path.isfile(cfg.train_list):
+    dataset = training_dataset(cfg)
+    if dataset is None:
         result["data"] = {"skipped": f"train_list {cfg.train_list} not found"}
         return
-    dataset = SegDataset("train", cfg.data_root, cfg.train_list, transform=build_train_transform(cfg),
-                         seed=int(cfg.manual_seed or 0), num_classes=cfg.classes, ignore_label=cfg.ignore_label)
     workers, batch = int(cfg.workers), int(cfg.batch_size)
     log(f"data: DataLoader with {workers} worker(s), batch {batch}, {args.data_batches} timed batches")
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers,
@@ -640,7 +650,7 @@ def run_agreement(cfg, args, model: nn.Module, device: torch.device, result: Dic
         image = load_image(entries[index][0])
         preds = {}
         for precision in ("fp32", "bf16"):
-            kwargs["autocast_dtype"] = None if precision == "fp32" else torch.bfloat16
+            kwargs["autocast_dtype"] = autocast_dtype_for(precision)
             preds[precision] = predict_multiscale(eval_model, image, **kwargs)
         same = (preds["fp32"] == preds["bf16"]).sum().item()
         equal += same
@@ -657,9 +667,7 @@ def naive_job(cfg, args, device: torch.device) -> Dict:
     from model import build_model
     from util.transforms import MEAN, STD
 
-    crop = _size_pair(args.crop, (cfg.test_h, cfg.test_w))
-    scales = [float(s) for s in (args.scales or cfg.scales)]
-    base_size = cfg.base_size if args.base_size is None else args.base_size
+    crop, scales, base_size = eval_settings(cfg, args)
     torch.manual_seed(0)
     model = build_model(cfg, load_pretrained=False)
     load_weights_or_warn(cfg, model, [])
@@ -682,13 +690,12 @@ def naive_job(cfg, args, device: torch.device) -> Dict:
 
 def memory_job(cfg, args, device: torch.device) -> Dict:
     from model import build_model
-    from util.inference import autocast_dtype_for, predict_multiscale
+    from util.inference import predict_multiscale
     from util.transforms import MEAN, STD
 
     cfg.classes = int(args.memory_classes)
     precision = args.memory_precision or cfg.precision
-    crop = _size_pair(args.crop, (cfg.test_h, cfg.test_w))
-    base_size = cfg.base_size if args.base_size is None else args.base_size
+    crop, _, base_size = eval_settings(cfg, args)  # at the six MEMORY_SCALES, not the config's
     model = prepare_eval_model(build_model(cfg), cfg, device)
     image = synthetic_image(*args.memory_image_size)
     if device.type == "cuda":

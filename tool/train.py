@@ -40,10 +40,8 @@ from util.checkpoint import (BEST_CHECKPOINT, check_training_checkpoint, checkpo
                               find_resume_checkpoint, make_checkpoint, prune_checkpoints, save_training_checkpoint)
 from util.cli import exit_with  # noqa: E402
 from util.config import ConfigError, check_device_support, load_cfg  # noqa: E402
+from util.inference import autocast_dtype_for  # noqa: E402
 from util.misc import format_seconds, get_logger, set_seed  # noqa: E402
-
-AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 # ---------------------------------------------------------------------------------------------
 # Command line and checks that run before anything heavy
@@ -240,7 +238,7 @@ def _train(cfg, ctx) -> Dict[str, Any]:
     optimizer = build_optimizer(model, cfg.base_lr, cfg.momentum, cfg.weight_decay)
     scheduler = build_poly_scheduler(optimizer, max_iter, cfg.power)
     scaler = torch.amp.GradScaler(ctx.device.type) if cfg.precision == "fp16" else None
-    amp_dtype = AMP_DTYPES[cfg.precision]
+    amp_dtype = autocast_dtype_for(cfg.precision)
 
     start_epoch, best_miou = cfg.start_epoch, 0.0
     if checkpoint is not None:
