@@ -10,6 +10,18 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 
+@pytest.fixture
+def one_thread():
+    """In-process runs use one thread, like the tools' subprocesses under test (OMP_NUM_THREADS=1):
+    on a busy 2-core machine two OpenMP threads per process are several times slower, not faster."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

@@ -1,5 +1,4 @@
 """tool/benchmark.py smoke test (tiny sizes; no timing assertions) and the fast paths' equivalence."""
-import importlib.util
 import json
 import math
 
@@ -8,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from tiny_runs import load_script
 from util.config import load_cfg
 
 CONFIG = "config/camvid/camvid_pyconvresnet50_pyconvsegnet.yaml"
@@ -15,10 +15,7 @@ CONFIG = "config/camvid/camvid_pyconvresnet50_pyconvsegnet.yaml"
 
 @pytest.fixture(scope="module")
 def bench_tool(repo_root):
-    spec = importlib.util.spec_from_file_location("benchmark_tool", repo_root / "tool" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tool/benchmark.py", "benchmark_tool")
 
 
 def _randomise_batchnorm(model, seed=0):

@@ -320,11 +320,9 @@ def test_camvid_val_transform_and_test_split(camvid_root):
 
 def test_benchmark_data_smoke(camvid_root, repo_root):
     """tool/benchmark_data.py end to end on CamVid with tiny crops and a short measurement."""
-    import importlib.util
+    from tiny_runs import load_script
 
-    spec = importlib.util.spec_from_file_location("benchmark_data", repo_root / "tool" / "benchmark_data.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_script("tool/benchmark_data.py", "benchmark_data")
     result = benchmark.run(["--config", str(repo_root / "config/camvid/camvid_resnet50_pyconvsegnet.yaml"),
                             "--seconds", "0.05", "--max-batch", "2", "--device", "cpu",
                             "data_root", str(camvid_root), "train_list", str(camvid_root / "train.txt"),

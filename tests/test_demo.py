@@ -6,7 +6,6 @@ images for one short epoch, so every piece the quickstart uses is exercised in s
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -15,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
+from tiny_runs import load_script
 from util.config import load_cfg
 from util.dataset import read_colors, read_list, read_names
 
@@ -24,10 +24,7 @@ DEMO_CONFIG = REPO_ROOT / "config" / "demo" / "demo_pyconvresnet50_pyconvsegnet.
 
 def load_tool(name: str):
     """tool/NAME.py as a module (tool/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_under_test", REPO_ROOT / "tool" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"tool/{name}.py", f"{name}_under_test")
 
 
 def file_digests(root: Path) -> dict:
@@ -138,10 +135,7 @@ def test_short_training_and_evaluation_write_metrics(demo_root, tmp_path):
     assert cv2.imread(str(colour[0])).shape == (48, 64, 3)
 
     # The README's picture of predictions is drawn from the same checkpoint and settings.
-    spec = importlib.util.spec_from_file_location("make_predictions_under_test",
-                                                  REPO_ROOT / "figure" / "make_predictions.py")
-    make_predictions = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_predictions)
+    make_predictions = load_script("figure/make_predictions.py", "make_predictions_under_test")
     picture = tmp_path / "predictions.png"
     assert make_predictions.main([
         "--config", str(DEMO_CONFIG), "--model", str(checkpoint), "--num", "2", "--tile-height", "48",

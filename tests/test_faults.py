@@ -8,7 +8,6 @@ The model is a ResNet-50 at output stride 32 on 33x33 crops of 40x44 synthetic i
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import os
 import pickle
@@ -23,6 +22,7 @@ import pytest
 import torch
 import yaml
 
+from tiny_runs import load_script
 from util import cli as util_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -57,30 +57,17 @@ class RunsCode:
 # Fixtures
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread, as OMP_NUM_THREADS=1 in the subprocesses (two spin-waiting threads crawl on a busy machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _load_tool(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
 def train_tool():
-    return _load_tool("train_tool_faults_data", REPO_ROOT / "tool" / "train.py")
+    return load_script("tool/train.py", "train_tool_faults_data")
 
 
 @pytest.fixture(scope="module")
 def test_tool():
-    return _load_tool("test_tool_faults_data", REPO_ROOT / "tool" / "test.py")
+    return load_script("tool/test.py", "test_tool_faults_data")
 
 
 def _png(path: Path, array: np.ndarray) -> str:

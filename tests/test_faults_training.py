@@ -37,14 +37,7 @@ MODEL_BUILT = "pyconvsegnet on resnet50"  # logged by tool/train.py right after 
 # Helpers
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process runs use one thread, like the subprocesses (OMP_NUM_THREADS=1): on a busy 2-core
-    machine two OpenMP threads per process are several times slower, not faster."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

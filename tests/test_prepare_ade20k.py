@@ -1,5 +1,4 @@
 """tool/prepare_ade20k.py on a generated ADEChallengeData2016-like tree."""
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -7,18 +6,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from tiny_runs import load_script
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOOL = REPO_ROOT / "tool" / "prepare_ade20k.py"
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("prepare_ade20k", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-prepare = load_tool()
+prepare = load_script("tool/prepare_ade20k.py", "prepare_ade20k")
 
 
 def make_raw_tree(root: Path, counts=(("training", 4), ("validation", 2))) -> dict:
