@@ -264,13 +264,10 @@ def _meta_model(cfg) -> nn.Module:
 
 
 def forward_gflop(cfg, height: int, width: int) -> float:
-    """GFLOP of one eval-mode forward of one ``height x width`` crop."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """GFLOP of one eval-mode forward of one ``height x width`` crop (as tool/summary.py prints it)."""
+    from model.summary import summarize
 
-    model = _meta_model(cfg).eval()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.empty(1, 3, height, width, device="meta"))
-    return counter.get_total_flops() / 1e9
+    return summarize(cfg, height, width)["gflop"]
 
 
 def train_step_gflop(cfg, batch: int, height: int, width: int) -> Dict[str, float]:
