@@ -126,6 +126,40 @@ def test_poly_schedule_after_each_iteration_keeps_ratio():
     assert PolyDecay(10, 0.9)(12) == 0.0  # never negative past the end
 
 
+def _two_scaled_steps(model, optimizer):
+    """fp16-style training on the CPU: a first step whose gradients overflow (the GradScaler skips it),
+    then a good one. Junk left in freed memory makes an uninitialised buffer visible."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    image = torch.randn(2, 3, 17, 17, generator=torch.Generator().manual_seed(0))
+    for overflow in (True, False):
+        optimizer.zero_grad(set_to_none=True)
+        logits, aux = model(image)
+        loss = logits.float().square().mean() + aux.float().square().mean()
+        scaler.scale(loss * (float("inf") if overflow else 1.0)).backward()
+        junk = [torch.full_like(p, 3e19) for p in model.parameters()]
+        del junk  # the allocator hands this memory out again
+        scaler.step(optimizer)
+        scaler.update()
+    assert scaler.get_scale() == 2.0 ** 15  # the first step was skipped
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_fp16_skipped_first_step_leaves_momentum_clean():
+    # Fused SGD (the default on CPU and CUDA) allocated its momentum buffers with empty_like() and
+    # returned early on the skipped step: the next step added garbage (weights of -6e19).
+    torch.manual_seed(0)
+    model = ToySegModel()
+    reference = ToySegModel()
+    reference.load_state_dict(model.state_dict())
+    fused = build_optimizer(model, 0.01, 0.9, 1e-4)
+    assert fused.defaults["fused"]
+    plain = torch.optim.SGD(build_param_groups(reference, 0.01), lr=0.01, momentum=0.9, weight_decay=1e-4,
+                            foreach=False)
+    got, expected = _two_scaled_steps(model, fused), _two_scaled_steps(reference, plain)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected)
+
+
 # ---------------------------------------------------------------------------------------------
 # Engine
 

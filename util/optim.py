@@ -58,7 +58,16 @@ def build_optimizer(model: nn.Module, base_lr: float, momentum: float, weight_de
     groups = build_param_groups(model, base_lr, head_lr_mult)
     fusable = all(p.device.type in ("cuda", "cpu") for g in groups for p in g["params"])
     kwargs = {"fused": True} if fusable else {"foreach": True}
-    return torch.optim.SGD(groups, lr=base_lr, momentum=momentum, weight_decay=weight_decay, **kwargs)
+    optimizer = torch.optim.SGD(groups, lr=base_lr, momentum=momentum, weight_decay=weight_decay, **kwargs)
+    if fusable and momentum:
+        # Fused SGD allocates its momentum buffers with empty_like() at its first step and fills
+        # them in the kernel; when a GradScaler skips that step (fp16 overflow, likely at the first
+        # step) the kernel returns early and the next step adds uninitialised memory. Zeros up front
+        # are exactly the first step's result (buf = 0 * momentum + grad, dampening 0).
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
+    return optimizer
 
 
 class PolyDecay:
