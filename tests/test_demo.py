@@ -23,8 +23,8 @@ DEMO_CONFIG = REPO_ROOT / "config" / "demo" / "demo_pyconvresnet50_pyconvsegnet.
 
 
 def load_tool(name: str):
-    """tool/NAME.py as a module (tool/ is not a package)."""
-    return load_script(f"tool/{name}.py", f"{name}_under_test")
+    """tool/NAME.py as a module (tool/ is not a package); NAME may include a subfolder."""
+    return load_script(f"tool/{name}.py", f"{name.replace('/', '_')}_under_test")
 
 
 def file_digests(root: Path) -> dict:
@@ -36,15 +36,15 @@ def file_digests(root: Path) -> dict:
 def demo_root(tmp_path_factory) -> Path:
     """A tiny generated demo dataset (6 training, 2 validation images of 48x64), prepared."""
     out = tmp_path_factory.mktemp("demo")
-    assert load_tool("make_demo_data").main([str(out), "--train", "6", "--val", "2", "--size", "48", "64",
+    assert load_tool("dataset_converters/make_demo_data").main([str(out), "--train", "6", "--val", "2", "--size", "48", "64",
                                              "--seed", "3"]) == 0
     root = out / "ADEChallengeData2016"
-    assert load_tool("prepare_ade20k").main([str(root), "--workers", "1"]) == 0
+    assert load_tool("dataset_converters/prepare_ade20k").main([str(root), "--workers", "1"]) == 0
     return root
 
 
 def test_generated_data_is_deterministic(tmp_path):
-    make = load_tool("make_demo_data")
+    make = load_tool("dataset_converters/make_demo_data")
     for name in ("a", "b"):
         assert make.main([str(tmp_path / name), "--train", "3", "--val", "2", "--size", "40", "56"]) == 0
     first, second = file_digests(tmp_path / "a"), file_digests(tmp_path / "b")

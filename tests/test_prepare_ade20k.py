@@ -1,4 +1,4 @@
-"""tool/prepare_ade20k.py on a generated ADEChallengeData2016-like tree."""
+"""tool/dataset_converters/prepare_ade20k.py on a generated ADEChallengeData2016-like tree."""
 import subprocess
 import sys
 from pathlib import Path
@@ -7,12 +7,13 @@ import cv2
 import numpy as np
 
 from tiny_runs import load_script
+from util.preparation import TEMP_MARKER
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TOOL = REPO_ROOT / "tool" / "prepare_ade20k.py"
+TOOL = REPO_ROOT / "tool" / "dataset_converters" / "prepare_ade20k.py"
 
 
-prepare = load_script("tool/prepare_ade20k.py", "prepare_ade20k")
+prepare = load_script("tool/dataset_converters/prepare_ade20k.py", "prepare_ade20k")
 
 
 def make_raw_tree(root: Path, counts=(("training", 4), ("validation", 2))) -> dict:
@@ -82,7 +83,7 @@ def test_leftover_temp_file_is_redone(tmp_path, capsys):
     output = tmp_path / "annotations_0based" / "training" / "ADE_train_00000001.png"
     partial = output.read_bytes()[:30]
     output.unlink()
-    leftover = output.with_name(f".{output.name}{prepare.TEMP_MARKER}12345")
+    leftover = output.with_name(f".{output.name}{TEMP_MARKER}12345")
     leftover.write_bytes(partial)
     code, log = run(tmp_path, capsys)
     assert code == 0 and "1 to convert" in log and "leftover" in log
@@ -111,7 +112,7 @@ def test_values_above_150_are_an_error(tmp_path, capsys):
     cv2.imwrite(str(tmp_path / "annotations" / "validation" / "ADE_valid_00000000.png"), bad)
     code, log = run(tmp_path, capsys)
     assert code == 1
-    assert "ADE_valid_00000000.png: label values 151, 200 are > 150" in log
+    assert "ADE_valid_00000000.png: label values 151, 200 are not valid here (valid: 0..150)" in log
     assert read_list_lines(tmp_path, "validation") == [
         "images/validation/ADE_valid_00000001.jpg annotations_0based/validation/ADE_valid_00000001.png"]
 
@@ -129,3 +130,29 @@ def test_command_line_with_worker_pool(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert len(read_list_lines(tmp_path, "training")) == 5 and "ETA" in result.stderr
+
+
+def test_trainval_and_testing_lists(tmp_path, capsys):
+    make_raw_tree(tmp_path)
+    assert run(tmp_path, capsys)[0] == 0
+    assert read_list_lines(tmp_path, "trainval") == read_list_lines(tmp_path, "training") + \
+        read_list_lines(tmp_path, "validation")
+    assert not (tmp_path / "list" / "testing.txt").exists()  # no test images unpacked
+    test_dir = tmp_path / "release_test" / "testing"
+    test_dir.mkdir(parents=True)
+    for name in ("ADE_test_00000002", "ADE_test_00000001"):
+        cv2.imwrite(str(test_dir / f"{name}.jpg"), np.zeros((30, 20, 3), np.uint8))
+    code, log = run(tmp_path, capsys)
+    assert code == 0 and "testing.txt: 2 lines (written)" in log
+    assert read_list_lines(tmp_path, "testing") == ["release_test/testing/ADE_test_00000001.jpg",
+                                                    "release_test/testing/ADE_test_00000002.jpg"]
+    # The test list is read as split "test" (images only) by the loader the tools use.
+    from util.dataset import read_list
+    assert read_list(tmp_path / "list" / "testing.txt", tmp_path, "test")[0] == (
+        str(test_dir / "ADE_test_00000001.jpg"), None)
+
+
+def test_mapping_function():
+    raw = np.array([[0, 1, 150], [75, 0, 2]], np.uint8)
+    assert prepare.ade20k_train_ids(raw).tolist() == [[255, 0, 149], [74, 255, 1]]
+    assert prepare.ade20k_train_ids(raw.astype(np.uint16)).dtype == np.uint8

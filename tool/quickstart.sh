@@ -10,8 +10,8 @@
 #
 # Steps (each is a command you can also run by hand, from the repository root):
 #   1. python -m pip install -r requirements.txt
-#   2. python tool/make_demo_data.py data/demo                  (skipped when data/demo exists)
-#   3. python tool/prepare_ade20k.py data/demo/ADEChallengeData2016
+#   2. python tool/dataset_converters/make_demo_data.py data/demo    (skipped when data/demo exists)
+#   3. python tool/dataset_converters/prepare_ade20k.py data/demo/ADEChallengeData2016
 #   4. ./tool/train.sh demo pyconvresnet50_pyconvsegnet        -> exp/demo/pyconvresnet50_pyconvsegnet/model
 #   5. ./tool/test.sh demo pyconvresnet50_pyconvsegnet         -> .../result/epoch_4/val/ss/{color,gray,metrics.json}
 set -euo pipefail
@@ -42,11 +42,11 @@ if [ -f "${data_dir}/ADEChallengeData2016/annotations/validation/ADE_val_0000002
   step "demo dataset: ${data_dir} exists, keeping it"
 else
   step "generating the demo dataset in ${data_dir} (ADE20K's raw layout)"
-  "$PYTHON" tool/make_demo_data.py "${data_dir}"
+  "$PYTHON" tool/dataset_converters/make_demo_data.py "${data_dir}"
 fi
 
 step "preparing it as ADE20K is prepared (0-based labels, lists)"
-"$PYTHON" tool/prepare_ade20k.py "${data_dir}/ADEChallengeData2016"
+"$PYTHON" tool/dataset_converters/prepare_ade20k.py "${data_dir}/ADEChallengeData2016"
 
 step "training PyConvSegNet (PyConvResNet-50) from scratch: config/${dataset}/${dataset}_${exp_name}.yaml"
 bash tool/train.sh "${dataset}" "${exp_name}"

@@ -1,6 +1,6 @@
 """Generate the demo dataset: small synthetic scenes in ADE20K's raw on-disk layout.
 
-    python tool/make_demo_data.py data/demo [--train 240 --val 24 --size 128 128 --seed 0]
+    python tool/dataset_converters/make_demo_data.py data/demo [--train 240 --val 24 --size 128 128 --seed 0]
 
 writes::
 
@@ -8,8 +8,8 @@ writes::
     OUT_DIR/ADEChallengeData2016/annotations/{training,validation}/ADE_{train,val}_NNNNNNNN.png
 
 with ADE20K's raw label convention: 0 = "other" (not labelled), 1..4 the classes below. Then
-``python tool/prepare_ade20k.py OUT_DIR/ADEChallengeData2016`` makes the 0-based labels and lists,
-exactly as for the real ADE20K.
+``python tool/dataset_converters/prepare_ade20k.py OUT_DIR/ADEChallengeData2016`` makes the 0-based
+labels and lists, exactly as for the real ADE20K.
 
 Each scene is a textured background (class 1) with a few coloured shapes drawn over it:
 red-ish discs (2), green-ish rectangles (3) and blue-ish triangles (4), with per-shape colour jitter,
