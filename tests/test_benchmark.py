@@ -61,7 +61,7 @@ def test_crop_count_and_flop_counts(bench_tool, repo_root, monkeypatch):
     assert step["forward"] > forward and 2.9 * step["forward"] < step["total"] < 3 * step["forward"]
 
 
-def test_benchmark_smoke(bench_tool, repo_root, monkeypatch, capsys, tmp_path):
+def test_benchmark_smoke(bench_tool, repo_root, monkeypatch, capsys, tmp_path, camvid_overrides):
     monkeypatch.chdir(repo_root)
     # --default-malloc: leave this pytest process's allocator alone.
     argv = ["--output", str(tmp_path / "bench.json"), "--markdown", str(tmp_path / "bench.md"), "--default-malloc",
@@ -70,7 +70,7 @@ def test_benchmark_smoke(bench_tool, repo_root, monkeypatch, capsys, tmp_path):
             "--matmul-size", "128", "--matmul-repeats", "1", "--data-batches", "1", "--agree-images", "1",
             "--compare-naive", "--loss-curve", "2",
             "base_size", "40", "batch_size", "2", "workers", "0", "train_h", "33", "train_w", "33",
-            "test_h", "33", "test_w", "33", "model_path", "exp/does/not/exist.pth"]
+            "test_h", "33", "test_w", "33", "model_path", "exp/does/not/exist.pth", *camvid_overrides]
     assert bench_tool.main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert json.loads((tmp_path / "bench.json").read_text()) == result
