@@ -4,6 +4,7 @@ import glob
 import pytest
 
 from util.config import ConfigError, check_device_support, dump_cfg, load_cfg, parse_value
+from util.dataset import read_colors, read_names
 
 PYCONV50 = "config/ade20k/ade20k_pyconvresnet50_pyconvsegnet.yaml"
 
@@ -100,10 +101,21 @@ def test_repo_configs_load_with_relative_paths(path):
     for key in ("data_root", "train_list", "val_list", "test_list", "save_path", "names_path", "colors_path"):
         assert cfg[key] and not str(cfg[key]).startswith("/"), key
     assert (cfg.base_lr, cfg.power, cfg.momentum, cfg.weight_decay, cfg.aux_weight) == (0.01, 0.9, 0.9, 0.0001, 0.4)
-    if "ade20k" in path:
-        assert (cfg.classes, cfg.train_h, cfg.batch_size, cfg.epochs, cfg.base_size) == (150, 473, 16, 100, 512)
-        assert cfg.data_root == "data/ade20k/ADEChallengeData2016"
-        assert cfg.train_list.endswith("list/training.txt") and cfg.val_list.endswith("list/validation.txt")
+    # (classes, train crop, batch, epochs, base_size, test crop, train list) of the release / semseg recipes.
+    recipes = {"ade20k": (150, 473, 16, 100, 512, 473, "ADEChallengeData2016/list/training.txt"),
+               "trainval": (150, 473, 16, 120, 512, 473, "ADEChallengeData2016/list/trainval.txt"),
+               "cityscapes": (19, 713, 16, 200, 2048, 713, "data/cityscapes/list/train.txt"),
+               "voc2012": (21, 473, 16, 50, 512, 473, "VOCdevkit/VOC2012/list/train_aug.txt")}
+    kind = next((k for k in ("trainval", "cityscapes", "voc2012", "ade20k") if k in path), None)
+    if kind is not None:
+        *numbers, train_list = recipes[kind]
+        assert [cfg.classes, cfg.train_h, cfg.batch_size, cfg.epochs, cfg.base_size, cfg.test_h] == numbers
+        assert cfg.train_h == cfg.train_w and cfg.test_h == cfg.test_w and cfg.train_list.endswith(train_list)
+        assert (cfg.scale_min, cfg.scale_max) == (0.5, 2.0)
+        assert cfg.split == ("test" if kind == "trainval" else "val")
+        assert len(read_names(cfg.names_path, cfg.classes)) == len(read_colors(cfg.colors_path, cfg.classes))
+    if "camvid" in path:  # a user path; the tests point it at ../shared by override
+        assert cfg.data_root == "data/camvid"
 
 
 def test_all_ade20k_backbone_configs_exist():
