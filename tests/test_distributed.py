@@ -20,7 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def _clean_env(**extra):
     """The environment for a child launcher: no inherited torchrun variables, one thread each."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT), **extra)
     return env
 
@@ -80,6 +80,87 @@ def test_rendezvous_address(monkeypatch):
         dist_utils.rendezvous_address("tcp://nohost")
     with pytest.raises(ValueError):
         dist_utils.rendezvous_address("file:///tmp/x")
+
+
+SLURM_VARIABLES = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_STEP_ID", "SLURM_STEPID",
+                   "SLURM_JOB_ID", "SLURM_JOBID", "SLURM_JOB_NODELIST", "SLURM_STEP_NODELIST")
+
+
+def _no_launcher(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", *SLURM_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_nodelist_compact_forms():
+    assert dist_utils.parse_nodelist("node[01-03,07]") == ["node01", "node02", "node03", "node07"]
+    assert dist_utils.parse_nodelist("gpu5,gpu6") == ["gpu5", "gpu6"]
+    assert dist_utils.parse_nodelist("gpu5") == ["gpu5"]
+    assert dist_utils.parse_nodelist("a[8-10],b3") == ["a8", "a9", "a10", "b3"]
+    assert dist_utils.parse_nodelist("n[098-100]") == ["n098", "n099", "n100"]  # zero padding kept
+    assert dist_utils.parse_nodelist("r[1-2]-n[1,3]") == ["r1-n1", "r1-n3", "r2-n1", "r2-n3"]
+    for bad in ("node[01-03", "node[3-1]", "node[a-b]", ""):
+        with pytest.raises(ValueError, match="node list"):
+            dist_utils.parse_nodelist(bad)
+
+
+def test_nodelist_asks_scontrol_where_it_exists(tmp_path, monkeypatch):
+    stub = tmp_path / "scontrol"
+    stub.write_text("#!/bin/sh\n[ \"$1 $2\" = \"show hostnames\" ] && echo \"$3-expanded\" && echo other\n")
+    stub.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert dist_utils.expand_nodelist("node[1-2]") == ["node[1-2]-expanded", "other"]
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    assert dist_utils.expand_nodelist("node[1-2]") == ["node1", "node2"]
+
+
+def test_launcher_detection_and_slurm_rendezvous(monkeypatch):
+    _no_launcher(monkeypatch)
+    assert dist_utils.detect_launcher() == "single process" and dist_utils.launcher_world_size() == 1
+    monkeypatch.setenv("PATH", "")  # no scontrol: the compact form is parsed
+    srun = dict(SLURM_PROCID="3", SLURM_NTASKS="4", SLURM_LOCALID="1", SLURM_JOB_ID="123456",
+                SLURM_JOB_NODELIST="gpu[07-08]")
+    for name, value in srun.items():
+        monkeypatch.setenv(name, value)
+    # A job script running python without srun has these too, but no (real) step: one process.
+    assert dist_utils.detect_launcher() == "single process"
+    monkeypatch.setenv("SLURM_STEP_ID", str(0xFFFFFFFB))  # the batch script's pseudo step
+    assert dist_utils.detect_launcher() == "single process"
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    assert dist_utils.detect_launcher() == "slurm" and dist_utils.launcher_world_size() == 4
+    assert dist_utils.slurm_rendezvous() == ("gpu07", 20000 + 123456 % 10000)
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu08")  # the step's own nodes win over the job's
+    monkeypatch.setenv("MASTER_PORT", "31000")
+    assert dist_utils.slurm_rendezvous() == ("gpu08", 31000)
+    monkeypatch.setenv("MASTER_ADDR", "10.1.2.3")
+    assert dist_utils.slurm_rendezvous() == ("10.1.2.3", 31000)
+    # torchrun started inside an srun task: torchrun's variables win
+    for name, value in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0").items():
+        monkeypatch.setenv(name, value)
+    assert dist_utils.detect_launcher() == "torchrun" and dist_utils.launcher_world_size() == 2
+    assert not dist_utils.launched_by_slurm()
+
+
+def test_slurm_single_task_is_one_process(monkeypatch):
+    _no_launcher(monkeypatch)
+    for name, value in dict(SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_LOCALID="0", SLURM_STEP_ID="0").items():
+        monkeypatch.setenv(name, value)
+    ctx = dist_utils.init_distributed(load_cfg(None, ["device", "cpu"]))
+    assert not ctx.distributed and ctx.world_size == 1 and ctx.launcher == "slurm"
+    assert dist_utils.describe_launch(ctx).startswith("launcher: slurm, rank 0 of 1")
+
+
+def test_multi_node_spawn_without_rendezvous_is_refused(monkeypatch):
+    from util.config import ConfigError
+
+    _no_launcher(monkeypatch)
+    with pytest.raises(ConfigError, match="MASTER_ADDR and MASTER_PORT.*tcp://HOST:PORT"):
+        dist_utils.rendezvous_address("env://", nodes=2)
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    with pytest.raises(ConfigError, match="needs MASTER_PORT"):
+        dist_utils.rendezvous_address("env://", nodes=2)
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert dist_utils.rendezvous_address("env://", nodes=2) == ("10.0.0.1", 29500)
+    assert dist_utils.rendezvous_address("tcp://10.0.0.2:1234", nodes=2) == ("10.0.0.2", 1234)
 
 
 def test_shard_sampler_scores_every_item_once():
@@ -248,3 +329,57 @@ def test_spawn_mode_on_cpu(tmp_path):
     assert "1 per process per step, 2 iterations per epoch" in output
     checkpoint = torch.load(tmp_path / "model" / "train_epoch_1.pth", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 1 and checkpoint["cfg"]["train_gpu"] == [0, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# SLURM: two local tasks with the variables srun sets give torchrun's result
+
+
+def _free_slurm_job_id() -> int:
+    """A job id whose derived MASTER_PORT (SLURM_PORT_BASE + id % SLURM_PORT_SPAN) is free right now."""
+    import socket
+
+    for offset in range(1, dist_utils.SLURM_PORT_SPAN):
+        port = dist_utils.SLURM_PORT_BASE + (os.getpid() * 7 + offset) % dist_utils.SLURM_PORT_SPAN
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return 4_000_000 + port - dist_utils.SLURM_PORT_BASE  # 4_000_000 % SLURM_PORT_SPAN == 0
+    pytest.skip("no free port in the SLURM port range")
+
+
+def _srun_locally(command, cwd, tasks=2, timeout=240):
+    """What ``srun --ntasks=2`` on one node does to the environment, without SLURM; returns (status, output)."""
+    job_id = _free_slurm_job_id()
+    processes = []
+    for rank in range(tasks):
+        env = _clean_env(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS=str(tasks),
+                         SLURM_NODEID="0", SLURM_STEP_ID="0", SLURM_JOB_ID=str(job_id),
+                         SLURM_JOB_NODELIST="localhost", SLURM_STEP_NODELIST="localhost",
+                         PATH=os.path.dirname(sys.executable) + os.pathsep + "/usr/bin:/bin")
+        processes.append(subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+    outputs = [process.communicate(timeout=timeout)[0] for process in processes]
+    return max(process.returncode for process in processes), "\n".join(outputs)
+
+
+def test_slurm_tasks_train_like_torchrun(tmp_path):
+    from tiny_runs import write_tiny_config
+
+    config = write_tiny_config(tmp_path, dataset=dict(count=4), batch_size=4, epochs=1)
+    train = REPO_ROOT / "tool" / "train.py"
+    proc = _torchrun([train, "--config", config, "save_path", tmp_path / "torchrun"], cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    status, output = _srun_locally([sys.executable, str(train), "--config", str(config),
+                                    "save_path", str(tmp_path / "slurm")], cwd=tmp_path)
+    assert status == 0, output[-4000:]
+    first_line = output.splitlines()[0]
+    assert "launcher: slurm, rank 0 of 2 (local rank 0)" in first_line and "rendezvous localhost:" in first_line
+    assert "2 process(es)" in output
+    expected = torch.load(tmp_path / "torchrun" / "train_epoch_1.pth", map_location="cpu", weights_only=True)
+    got = torch.load(tmp_path / "slurm" / "train_epoch_1.pth", map_location="cpu", weights_only=True)
+    assert list(got["state_dict"]) == list(expected["state_dict"])
+    for key, value in expected["state_dict"].items():
+        assert torch.equal(got["state_dict"][key], value), key

@@ -31,6 +31,7 @@ from util.checkpoint import CheckpointError  # noqa: E402
 from util.cli import exit_with  # noqa: E402
 from util.config import ConfigError, check_device_support, parse_cli  # noqa: E402
 from util.dataset import DataError, ListEntry, load_image, load_label, read_list_entries  # noqa: E402
+from util.distributed import describe_launch, detect_launcher, init_distributed, launcher_world_size  # noqa: E402
 from util.inference import inference_kwargs, load_inference_model, predict_multiscale  # noqa: E402
 from util.metrics import confusion_matrix, metrics_from_confusion, nan_to_none  # noqa: E402
 from util.misc import format_seconds, get_logger, select_device  # noqa: E402
@@ -78,10 +79,8 @@ def _runs(cfg) -> List[Tuple[Optional[str], str]]:
 
 
 def _setup_distributed(cfg):
-    """(rank, world_size, device, context or None). torchrun with WORLD_SIZE > 1 joins a process group."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from util.distributed import init_distributed
-
+    """(rank, world_size, device, context or None). Several processes of torchrun or srun join a process group."""
+    if launcher_world_size() > 1:
         context = init_distributed(cfg)
         return context.rank, context.world_size, context.device, context
     return 0, 1, select_device(cfg.device), None
@@ -196,6 +195,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, cfg = parse_cli(list(argv) if argv is not None else None, description=__doc__.splitlines()[0])
     rank, world_size, device, context = _setup_distributed(cfg)
     logger = get_logger(rank=rank)
+    logger.info(describe_launch(context) if context is not None else
+                f"launcher: {detect_launcher()}, one process, device {device}")
     try:
         check_device_support(cfg, device.type)
         if not cfg.test_list:

@@ -181,6 +181,7 @@ def run(cfg, spawn_index: Optional[int] = None) -> Optional[Dict[str, Any]]:
 
 def _train(cfg, ctx) -> Dict[str, Any]:
     logger = get_logger(rank=ctx.rank)
+    logger.info(dist_utils.describe_launch(ctx))
     if ctx.is_main:
         _log_config(cfg, logger)
     logger.info(f"{ctx.world_size} process(es), this one rank {ctx.rank} on {ctx.device}, precision {cfg.precision}")
@@ -355,7 +356,7 @@ def launch_spawned(cfg, config_path: str, opts: List[str]) -> None:
     """One process per ``train_gpu`` entry, rendezvous at ``dist_url`` (tcp://HOST:PORT or env://)."""
     import torch.multiprocessing as mp
 
-    address, port = dist_utils.rendezvous_address(cfg.dist_url)
+    address, port = dist_utils.rendezvous_address(cfg.dist_url, nodes=int(cfg.world_size))
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = address, str(port)
     per_node, _ = dist_utils.spawn_world(cfg)
     mp.spawn(_spawned_process, nprocs=per_node, args=(config_path, list(opts)), join=True)

@@ -1,11 +1,16 @@
 """Process-group setup and the few collectives training needs.
 
-Three ways a training run can be laid out:
+Four ways a run can be laid out (:func:`detect_launcher` names the one in use):
 
 * one process (no process group; every helper here is a no-op);
 * ``torchrun --nproc_per_node=N tool/train.py ...``: torchrun sets ``RANK``,
   ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` and we
   join with ``env://``;
+* SLURM: ``srun`` starts one task per GPU and sets ``SLURM_PROCID``,
+  ``SLURM_NTASKS``, ``SLURM_LOCALID``; the rendezvous is the first host of the
+  step's node list and a port derived from the job id (:func:`slurm_rendezvous`),
+  so every task of a job agrees without a shared file. torchrun's variables win
+  where both are set (torchrun started inside an ``srun`` task);
 * the release's mode: on a CUDA machine, ``tool/train.py`` itself starts one
   process per entry of ``train_gpu`` (``torch.multiprocessing.spawn``); the
   parent publishes ``MASTER_ADDR``/``MASTER_PORT`` from ``dist_url`` and each
@@ -18,17 +23,29 @@ peer makes the survivors fail instead of waiting forever.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import socket
+import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from util.config import ConfigError
+
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+SLURM_ENV = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+# Step ids at or above this are SLURM's pseudo steps (the batch script 0xfffffffb.., the
+# interactive step): a job script that runs python without srun is one process, not task 0 of N.
+SLURM_PSEUDO_STEP = 0xFFFFFFF0
+# MASTER_PORT under SLURM without one in the environment: SLURM_PORT_BASE + job id modulo
+# SLURM_PORT_SPAN, below Linux's ephemeral range (32768+) so it does not collide with client sockets.
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 10000
 
 
 @dataclass(frozen=True)
@@ -50,11 +67,118 @@ class DistContext:
     device: torch.device
     is_main: bool
     distributed: bool
+    launcher: str = "single process"
 
 
 def launched_by_torchrun() -> bool:
     """True when torchrun (or another env:// launcher) started this process."""
     return all(name in os.environ for name in TORCHRUN_ENV)
+
+
+def launched_by_slurm() -> bool:
+    """True when this process is a task of an ``srun`` step (and torchrun did not start it)."""
+    if launched_by_torchrun() or not all(name in os.environ for name in SLURM_ENV):
+        return False
+    step = os.environ.get("SLURM_STEP_ID", os.environ.get("SLURM_STEPID"))
+    return step is not None and step.isdigit() and int(step) < SLURM_PSEUDO_STEP
+
+
+def detect_launcher() -> str:
+    """``"torchrun"``, ``"slurm"`` or ``"single process"`` (spawn mode is decided by :func:`should_spawn`)."""
+    if launched_by_torchrun():
+        return "torchrun"
+    if launched_by_slurm():
+        return "slurm"
+    return "single process"
+
+
+def launcher_world_size() -> int:
+    """The number of processes the launcher started (1 for a plain ``python tool/...``)."""
+    launcher = detect_launcher()
+    if launcher == "torchrun":
+        return int(os.environ["WORLD_SIZE"])
+    if launcher == "slurm":
+        return int(os.environ["SLURM_NTASKS"])
+    return 1
+
+
+def _expand_brackets(name: str) -> List[str]:
+    """``node[01-03,07]-ib`` -> ``node01-ib, node02-ib, node03-ib, node07-ib`` (several brackets multiply)."""
+    match = re.search(r"\[([^\[\]]*)\]", name)
+    if match is None:
+        return [name]
+    prefix, suffix = name[:match.start()], name[match.end():]
+    values = []
+    for part in match.group(1).split(","):
+        part = part.strip()
+        bounds = part.split("-")
+        if len(bounds) == 1 and bounds[0].isdigit():
+            values.append(bounds[0])
+        elif len(bounds) == 2 and bounds[0].isdigit() and bounds[1].isdigit() and int(bounds[0]) <= int(bounds[1]):
+            width = len(bounds[0])  # node[08-10] keeps the leading zero: node08 node09 node10
+            values.extend(str(v).zfill(width) for v in range(int(bounds[0]), int(bounds[1]) + 1))
+        else:
+            raise ValueError(f"cannot parse the SLURM node list range '[{match.group(1)}]' in '{name}'")
+    return [expanded for value in values for expanded in _expand_brackets(prefix + value + suffix)]
+
+
+def parse_nodelist(nodelist: str) -> List[str]:
+    """Host names of a SLURM node list in its compact form: ``node[01-03,07]``, ``gpu5,gpu6``,
+    ``a[1-2],b3``, ``rack[1-2]-n[1-2]``. (:func:`expand_nodelist` asks ``scontrol`` first.)"""
+    names, depth, start = [], 0, 0
+    for index, char in enumerate(nodelist + ","):
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+        elif char == "," and depth == 0:
+            item = nodelist[start:index].strip()
+            if item:
+                names.extend(_expand_brackets(item))
+            start = index + 1
+    if depth != 0 or not names:
+        raise ValueError(f"cannot parse the SLURM node list '{nodelist}'")
+    return names
+
+
+def expand_nodelist(nodelist: str) -> List[str]:
+    """Host names of a SLURM node list: ``scontrol show hostnames`` where it exists (it knows every
+    form SLURM writes), else :func:`parse_nodelist`."""
+    scontrol = shutil.which("scontrol")
+    if scontrol:
+        try:
+            result = subprocess.run([scontrol, "show", "hostnames", nodelist], capture_output=True, text=True,
+                                    timeout=60, check=True)
+            names = result.stdout.split()
+            if names:
+                return names
+        except (OSError, subprocess.SubprocessError):
+            pass  # a broken scontrol: the node list's compact form is still readable
+    return parse_nodelist(nodelist)
+
+
+def slurm_rendezvous() -> Tuple[str, int]:
+    """``(MASTER_ADDR, MASTER_PORT)`` for the tasks of an ``srun`` step.
+
+    Either from the environment when set, else the first host of the step's node list (the node
+    task 0 runs on; ``SLURM_STEP_NODELIST``, else ``SLURM_JOB_NODELIST``) and
+    ``SLURM_PORT_BASE + SLURM_JOB_ID % SLURM_PORT_SPAN``: the same on every task of the job.
+    """
+    address = os.environ.get("MASTER_ADDR")
+    if not address:
+        nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
+        if not nodelist:
+            raise ConfigError("running under srun but neither SLURM_STEP_NODELIST nor SLURM_JOB_NODELIST is set: "
+                              "set MASTER_ADDR (the host of task 0) and MASTER_PORT")
+        address = expand_nodelist(nodelist)[0]
+    port = os.environ.get("MASTER_PORT")
+    if not port:
+        job_id = os.environ.get("SLURM_JOB_ID", os.environ.get("SLURM_JOBID", ""))
+        if not job_id.isdigit():
+            raise ConfigError(f"running under srun without MASTER_PORT and without a numeric SLURM_JOB_ID "
+                              f"('{job_id}'): set MASTER_PORT to a free port, the same for every task")
+        port = str(SLURM_PORT_BASE + int(job_id) % SLURM_PORT_SPAN)
+    return address, int(port)
 
 
 def wants_cuda(cfg) -> bool:
@@ -92,11 +216,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def rendezvous_address(dist_url: Optional[str]) -> Tuple[str, int]:
+def rendezvous_address(dist_url: Optional[str], nodes: int = 1) -> Tuple[str, int]:
     """``(MASTER_ADDR, MASTER_PORT)`` for spawned processes.
 
     ``tcp://host:port`` gives them directly; ``env://`` takes them from the
-    environment when set, else uses this machine and a free port.
+    environment when set, else (one node only) uses this machine and a free port.
+    With ``nodes > 1`` and neither, each node would wait for itself until
+    ``dist_timeout``: that is refused here with what to set.
     """
     url = dist_url or "env://"
     if url.startswith("tcp://"):
@@ -107,6 +233,12 @@ def rendezvous_address(dist_url: Optional[str]) -> Tuple[str, int]:
     if url.startswith("env://"):
         if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
             return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        if nodes > 1:
+            missing = " and ".join(name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ)
+            raise ConfigError(f"world_size {nodes} (nodes) with dist_url env:// needs {missing} in the environment "
+                              f"of every node (the address of node rank 0 and a free port there), or "
+                              f"dist_url tcp://HOST:PORT; without them each node would wait for itself until "
+                              f"dist_timeout")
         return "127.0.0.1", _free_port()
     raise ValueError(f"dist_url must be env:// or tcp://HOST:PORT, got '{url}'")
 
@@ -132,22 +264,31 @@ def init_distributed(cfg, spawn_index: Optional[int] = None) -> DistContext:
     timeout = timedelta(seconds=float(cfg.dist_timeout))
     train_gpu = list(cfg.train_gpu or [0])
 
-    if spawn_index is not None:
+    launcher = "spawn" if spawn_index is not None else detect_launcher()
+    if launcher == "spawn":
         per_node, world_size = spawn_world(cfg)
         rank = int(cfg.rank) * per_node + spawn_index
         local_rank = spawn_index
         device = _cuda_device(int(train_gpu[spawn_index])) if use_cuda else torch.device("cpu")
-    elif launched_by_torchrun():
+    elif launcher == "torchrun":
         rank = int(os.environ["RANK"])
         world_size = int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ["LOCAL_RANK"])
         device = _cuda_device(local_rank) if use_cuda else torch.device("cpu")
+    elif launcher == "slurm" and launcher_world_size() > 1:
+        rank = int(os.environ["SLURM_PROCID"])
+        world_size = int(os.environ["SLURM_NTASKS"])
+        local_rank = int(os.environ["SLURM_LOCALID"])
+        os.environ["MASTER_ADDR"], port = slurm_rendezvous()
+        os.environ["MASTER_PORT"] = str(port)
+        device = _cuda_device(local_rank) if use_cuda else torch.device("cpu")
     else:
-        # A single process: no process group at all.
+        # A single process (also one srun task): no process group at all.
         device = _cuda_device(int(train_gpu[0])) if use_cuda else torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        return DistContext(rank=0, world_size=1, local_rank=0, device=device, is_main=True, distributed=False)
+        return DistContext(rank=0, world_size=1, local_rank=0, device=device, is_main=True, distributed=False,
+                           launcher=launcher)
 
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -157,7 +298,16 @@ def init_distributed(cfg, spawn_index: Optional[int] = None) -> DistContext:
         kwargs["device_id"] = device  # binds NCCL to our GPU up front (no guessing in barrier())
     dist.init_process_group(**kwargs)
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
-                       is_main=rank == 0, distributed=True)
+                       is_main=rank == 0, distributed=True, launcher=launcher)
+
+
+def describe_launch(ctx: DistContext) -> str:
+    """The log's first line: which launcher was detected and where this process sits."""
+    where = f"rank {ctx.rank} of {ctx.world_size} (local rank {ctx.local_rank}) on {socket.gethostname()}"
+    if ctx.launcher == "slurm" and ctx.distributed:
+        where += (f", SLURM job {os.environ.get('SLURM_JOB_ID', '?')}, rendezvous "
+                  f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
+    return f"launcher: {ctx.launcher}, {where}, device {ctx.device}"
 
 
 def is_distributed() -> bool:
