@@ -115,7 +115,8 @@ def files_by_stem(folder: Path, suffixes: Iterable[str], strip: str = "", recurs
 
     The key is the file's path relative to ``folder`` without the suffix and without a trailing
     ``strip`` (e.g. ``_leftImg8bit``), so ``aachen/aachen_000000_000019`` for a Cityscapes image.
-    Hidden files (the temporaries of this module among them) are skipped.
+    Hidden files (the temporaries of this module among them) are skipped. Two files with the same key
+    (``a.jpg`` and ``a.png``) are a LabelError naming both.
     """
     folder = Path(folder)
     suffixes = tuple(s.lower() for s in suffixes)
@@ -128,6 +129,8 @@ def files_by_stem(folder: Path, suffixes: Iterable[str], strip: str = "", recurs
             if not key.endswith(strip):
                 continue
             key = key[: -len(strip)]
+        if key in found:
+            raise LabelError(f"{found[key]} and {path} have the same name: which one is meant is ambiguous")
         found[key] = path
     return found
 
