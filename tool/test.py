@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from util.checkpoint import CheckpointError  # noqa: E402
 from util.cli import exit_with  # noqa: E402
 from util.config import ConfigError, check_device_support, parse_cli  # noqa: E402
-from util.dataset import DataError, ListEntry, load_image, load_label, read_list_entries  # noqa: E402
+from util.dataset import DataError, ListEntry, load_image, load_label, output_names, read_list_entries  # noqa: E402
 from util.distributed import describe_launch, detect_launcher, init_distributed, launcher_world_size  # noqa: E402
 from util.inference import inference_kwargs, load_inference_model, predict_multiscale  # noqa: E402
 from util.metrics import confusion_matrix, metrics_from_confusion, nan_to_none  # noqa: E402
@@ -44,18 +44,6 @@ def select_items(items: Sequence, index_start: int, index_step: int) -> list:
     """``items[index_start : index_start + index_step]`` (``index_step`` 0 = to the end), as the release."""
     end = len(items) if not index_step else min(index_start + index_step, len(items))
     return list(items[index_start:end])
-
-
-def image_names(entries: Sequence[ListEntry]) -> List[str]:
-    """Output names (image file name without extension); duplicates would overwrite each other."""
-    names = [Path(entry.image_path).stem for entry in entries]
-    seen = {}
-    for name, (image_path, _, _) in zip(names, entries):
-        if name in seen:
-            raise DataError(f"two images of the list would write the same output name '{name}': "
-                            f"{seen[name]} and {image_path}")
-        seen[name] = image_path
-    return names
 
 
 def _runs(cfg) -> List[Tuple[Optional[str], str]]:
@@ -208,7 +196,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                cfg.index_step)
         check_listed_files(entries, cfg.test_list, need_images=not cfg.has_prediction,
                            need_labels=cfg.split != "test")
-        names = image_names(entries)
+        names = output_names(entries)
         logger.info(f"=> {len(entries)} images of {cfg.test_list} (split {cfg.split}), {world_size} process(es)")
         for model_path, save_folder in runs:
             source = f"saved predictions in {save_folder}" if cfg.has_prediction else f"{model_path} -> {save_folder}"

@@ -42,6 +42,7 @@ from util.cli import exit_with  # noqa: E402
 from util.config import ConfigError, check_device_support, load_cfg  # noqa: E402
 from util.inference import autocast_dtype_for  # noqa: E402
 from util.misc import format_seconds, get_logger, set_seed  # noqa: E402
+from util.preparation import missing_list_hint  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Command line and checks that run before anything heavy
@@ -76,12 +77,12 @@ def check_run_config(cfg) -> None:
     if not cfg.train_list:
         raise ConfigError("train_list is not set")
     if not os.path.isfile(cfg.train_list):
-        raise ConfigError(f"train_list file not found: {cfg.train_list}")
+        raise ConfigError(f"train_list file not found: {cfg.train_list}{missing_list_hint(cfg.train_list)}")
     if cfg.evaluate:
         if not cfg.val_list:
             raise ConfigError("evaluate is True but val_list is not set")
         if not os.path.isfile(cfg.val_list):
-            raise ConfigError(f"val_list file not found: {cfg.val_list}")
+            raise ConfigError(f"val_list file not found: {cfg.val_list}{missing_list_hint(cfg.val_list)}")
     for key in ("weight", "pretrained"):
         if cfg[key] and not os.path.isfile(cfg[key]):
             raise ConfigError(f"{key} file not found: {cfg[key]}")

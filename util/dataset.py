@@ -23,14 +23,14 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import cv2
 import numpy as np
 import torch.utils.data
 
 __all__ = [
-    "DataError", "ListEntry", "read_list", "read_list_entries", "load_image", "load_label", "SegDataset",
+    "DataError", "ListEntry", "read_list", "read_list_entries", "output_names", "load_image", "load_label", "SegDataset",
     "worker_init_fn", "read_names", "read_colors", "IMAGE_EXTENSIONS",
 ]
 
@@ -93,7 +93,9 @@ def read_list_entries(list_path, data_root, split: str) -> list[ListEntry]:
     """
     list_path = str(list_path)
     if not os.path.isfile(list_path):
-        raise DataError(f"list file not found: {list_path}")
+        from util.preparation import missing_list_hint
+
+        raise DataError(f"list file not found: {list_path}{missing_list_hint(list_path)}")
     try:
         with open(list_path, "r", encoding="utf-8-sig", newline=None) as handle:
             lines = handle.read().splitlines()
@@ -131,6 +133,19 @@ def read_list_entries(list_path, data_root, split: str) -> list[ListEntry]:
 def read_list(list_path, data_root, split: str) -> list[tuple[str, Optional[str]]]:
     """Parse a list file into ``[(image_path, label_path_or_None), ...]``; see the module docstring."""
     return [(entry.image_path, entry.label_path) for entry in read_list_entries(list_path, data_root, split)]
+
+
+def output_names(entries: Sequence[ListEntry]) -> list[str]:
+    """The name of each entry's outputs (predictions, submission files): the image's file name without
+    its extension. Two entries with the same name would overwrite each other: a DataError."""
+    names = [Path(entry.image_path).stem for entry in entries]
+    seen = {}
+    for name, (image_path, _, _) in zip(names, entries):
+        if name in seen:
+            raise DataError(f"two images of the list would write the same output name '{name}': "
+                            f"{seen[name]} and {image_path}")
+        seen[name] = image_path
+    return names
 
 
 def _describe(path, where: str) -> str:
