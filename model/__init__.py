@@ -16,7 +16,8 @@ from torch import nn
 from . import backbones, segmentation  # noqa: F401  (built-in registrations)
 from .registry import (ARCHITECTURES, BACKBONES, register_arch, register_backbone, registered_archs,
                        registered_backbones)
-from .segmentation import SegmentationModel, output_size
+from .backbones import OUTPUT_STRIDES
+from .segmentation import ZOOM_FACTORS, SegmentationModel, output_size
 
 
 def _import_all_submodules() -> None:
@@ -67,5 +68,5 @@ def build_model(cfg: Any, load_pretrained: bool = False) -> nn.Module:
     return model
 
 
-__all__ = ["build_model", "register_arch", "register_backbone", "registered_archs", "registered_backbones",
+__all__ = ["ARCHITECTURES", "BACKBONES", "OUTPUT_STRIDES", "ZOOM_FACTORS", "build_model", "register_arch", "register_backbone", "registered_archs", "registered_backbones",
            "SegmentationModel", "output_size"]

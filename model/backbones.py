@@ -250,3 +250,8 @@ def build_pyconvhgresnet(layers: int = 50, output_stride: int = 8) -> Backbone:
     """PyConvHGResNet-50/101/152 (expansion 2, doubled widths, high group counts)."""
     return _build_pyconv_family("pyconvhgresnet", layers, output_stride, widths=(128, 256, 512, 1024), expansion=2,
                                 groups=PYCONVHGRESNET_GROUPS)
+
+
+# The depths each built-in family can build (the config check reads this, see model/registry.py).
+for _builder in (build_resnet, build_pyconvresnet, build_pyconvhgresnet):
+    _builder.supported_layers = tuple(STAGE_BLOCKS)

@@ -7,6 +7,7 @@ looked up here. Adding one is a new module inside ``model/`` (imported automatic
     @register_backbone("mynet")
     def build_mynet(layers: int, output_stride: int = 8) -> nn.Module: ...
         # returns a module with layer0..layer4 and attributes layer3_channels / layer4_channels
+    build_mynet.supported_layers = (18, 34)  # optional: the config rejects other ``layers`` up front
 
     @register_arch("myhead")
     class MyHeadNet(SegmentationModel): ...
@@ -16,6 +17,7 @@ The registries are filled once, at import time, and only read afterwards.
 """
 from __future__ import annotations
 
+import difflib
 from typing import Callable, Dict, List, TypeVar
 
 T = TypeVar("T", bound=Callable)
@@ -54,7 +56,9 @@ class Registry:
         try:
             return self._entries[name]
         except (KeyError, TypeError):
-            raise ValueError(f"unknown {self.kind} '{name}' ({self.config_key}); registered: "
+            match = difflib.get_close_matches(str(name), self.names(), n=1, cutoff=0.5)
+            hint = f" (did you mean '{match[0]}'?)" if match else ""
+            raise ValueError(f"unknown {self.kind} '{name}' ({self.config_key}){hint}; registered: "
                              f"{', '.join(self.names())}") from None
 
     def names(self) -> List[str]:

@@ -2,12 +2,12 @@
 import os
 import pickle
 from collections import OrderedDict
-from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
+import tiny_runs
 from model import build_model
 from util.checkpoint import (CheckpointError, add_module_prefix, extract_state_dict, load_checkpoint_file,
                              load_model_weights, load_pretrained_backbone, save_checkpoint, strip_wrapper_prefixes,
@@ -15,10 +15,7 @@ from util.checkpoint import (CheckpointError, add_module_prefix, extract_state_d
 
 
 def make_cfg(**overrides):
-    values = dict(arch="pyconvsegnet", backbone_net="resnet", layers=50, classes=3, zoom_factor=8,
-                  backbone_output_stride=8, pretrained=None)
-    values.update(overrides)
-    return SimpleNamespace(**values)
+    return tiny_runs.make_cfg(**{"backbone_net": "resnet", "classes": 3, **overrides})
 
 
 def meta_model(**overrides):

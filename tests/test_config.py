@@ -3,8 +3,12 @@ import glob
 
 import pytest
 
-from util.config import ConfigError, check_device_support, dump_cfg, load_cfg, parse_value
+import yaml
+
+from util.config import (ConfigError, dump_cfg, load_cfg, parse_value, register_keys, require, schema,
+                         unregister_keys)
 from util.dataset import read_colors, read_names
+from util.precision import check_device_support
 
 PYCONV50 = "config/ade20k/ade20k_pyconvresnet50_pyconvsegnet.yaml"
 
@@ -173,8 +177,8 @@ def test_unknown_yaml_key_and_section_name_nearest(tmp_path):
     (["train_h", "472"], r"train_h must satisfy \(train_h - 1\) % 8 == 0"),
     (["test_w", "100"], r"test_w must satisfy"),
     (["classes", "1"], r"classes must be an integer >= 2"),
-    (["arch", "deeplab"], r"arch 'deeplab' is not one of"),
-    (["backbone_net", "pyconvresnt"], r"backbone_net 'pyconvresnt' is not one of .*did you mean 'pyconvresnet'"),
+    (["arch", "deeplab"], r"arch must be one of \['psp', 'pyconvsegnet'\], got 'deeplab'"),
+    (["backbone_net", "pyconvresnt"], r"backbone_net must be one of .*did you mean 'pyconvresnet'"),
     (["backbone_output_stride", "4"], r"backbone_output_stride must be one of \[8, 16, 32\]"),
     (["precision", "fp8"], r"precision must be one of"),
     (["split", "dev"], r"split must be one of"),
@@ -215,3 +219,44 @@ def test_attribute_errors_suggest():
     cfg = load_cfg(PYCONV50)
     with pytest.raises(AttributeError, match="did you mean 'base_lr'"):
         cfg.baselr
+
+
+def test_module_keys_join_the_schema(tmp_path):
+    """A module's own keys (register_keys): loaded, type-checked, suggested, checked up front, dumped."""
+    def check(cfg):
+        require(cfg.test_gamma > 0, f"test_gamma must be > 0, got {cfg.test_gamma}")
+
+    register_keys("TRAIN", {"test_gamma": 2.0}, check=check)
+    try:
+        assert load_cfg(PYCONV50).test_gamma == 2.0
+        assert load_cfg(write(tmp_path, "TRAIN:\n  test_gamma: 3\n")).test_gamma == 3.0
+        with pytest.raises(ConfigError, match=r"unknown config key 'test_gama'.*did you mean 'test_gamma'"):
+            load_cfg(PYCONV50, ["test_gama", "1"])
+        with pytest.raises(ConfigError, match=r"'test_gamma' must be of type float"):
+            load_cfg(PYCONV50, ["test_gamma", "large"])
+        with pytest.raises(ConfigError, match="test_gamma must be > 0, got -1.0"):
+            load_cfg(PYCONV50, ["test_gamma", "-1"])
+        dump_cfg(load_cfg(PYCONV50, ["test_gamma", "0.5"]), str(tmp_path / "out.yaml"))
+        assert yaml.safe_load((tmp_path / "out.yaml").read_text())["TRAIN"]["test_gamma"] == 0.5
+        with pytest.raises(ValueError, match="'base_lr' is already declared by util.optim"):
+            register_keys("TRAIN", {"base_lr": 0.1})
+        with pytest.raises(ValueError, match="did you mean 'TRAIN'"):
+            register_keys("TRIAN", {"test_delta": 1})
+    finally:
+        unregister_keys(["test_gamma"])
+    assert "test_gamma" not in schema()["TRAIN"]
+    with pytest.raises(ConfigError, match="unknown config key 'test_gamma'"):
+        load_cfg(PYCONV50, ["test_gamma", "1"])
+    load_cfg(PYCONV50)  # its check went with it
+
+
+def test_model_values_come_from_model_registries():
+    """The config accepts what model/ can build, read from its registries and constants."""
+    from model import BACKBONES, OUTPUT_STRIDES, ZOOM_FACTORS
+    from model.backbones import STAGE_BLOCKS
+
+    assert BACKBONES.get("resnet").supported_layers == tuple(STAGE_BLOCKS)
+    for stride in OUTPUT_STRIDES:
+        assert load_cfg(PYCONV50, ["backbone_output_stride", str(stride)]).backbone_output_stride == stride
+    for zoom in ZOOM_FACTORS:
+        assert load_cfg(PYCONV50, ["zoom_factor", str(zoom)]).zoom_factor == zoom

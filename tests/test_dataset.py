@@ -1,13 +1,13 @@
 """List parsing, image/label loading errors, SegDataset checks and seeded augmentation, class files, CamVid."""
 import random
 from pathlib import Path
-from types import SimpleNamespace
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
+from tiny_runs import make_cfg
 from util.dataset import (DataError, SegDataset, load_image, load_label, read_colors, read_list, read_names,
                           worker_init_fn)
 from util.transforms import build_train_transform, build_val_transform
@@ -37,10 +37,7 @@ def write_list(root: Path, text: str, name="list.txt", newline="\n") -> Path:
 
 
 def small_cfg(**overrides):
-    values = dict(scale_min=0.5, scale_max=2.0, rotate_min=-10, rotate_max=10, ignore_label=255,
-                  train_h=9, train_w=9)
-    values.update(overrides)
-    return SimpleNamespace(**values)
+    return make_cfg(**{"train_h": 9, "train_w": 9, **overrides})
 
 
 # ---------------------------------------------------------------- read_list

@@ -5,13 +5,13 @@ use depth-50 models on 65x65 inputs.
 """
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import tiny_runs
 from model import build_model, output_size, registered_archs, registered_backbones
 from model.backbones import build_pyconvhgresnet, build_pyconvresnet, build_resnet
 from model.pyconv import PyConv, split_channels
@@ -25,11 +25,8 @@ BACKBONE_BUILDERS = {"resnet": build_resnet, "pyconvresnet": build_pyconvresnet,
                      "pyconvhgresnet": build_pyconvhgresnet}
 
 
-def make_cfg(**overrides):
-    values = dict(arch="pyconvsegnet", backbone_net="pyconvresnet", layers=50, classes=150, zoom_factor=8,
-                  backbone_output_stride=8, pretrained=None)
-    values.update(overrides)
-    return SimpleNamespace(**values)
+def make_cfg(validate=True, **overrides):
+    return tiny_runs.make_cfg(validate=validate, **overrides)
 
 
 def shapes(state_dict):
@@ -266,7 +263,7 @@ def test_invalid_input_size_and_zoom():
             model(torch.empty(1, 3, 64, 65))
     with pytest.raises(ValueError, match="zoom_factor"):
         with torch.device("meta"):
-            build_model(make_cfg(zoom_factor=3))
+            build_model(make_cfg(zoom_factor=3, validate=False))
 
 
 @torch.no_grad()
@@ -298,16 +295,17 @@ def test_backbone_and_head_modules_partition_parameters(arch, head):
 
 
 def test_unknown_names_list_registered_ones():
+    """build_model's own errors, for a config that skipped validation (the config check is in test_config)."""
     assert {"pyconvsegnet", "psp"} <= set(registered_archs())
     assert set(FAMILIES) <= set(registered_backbones())
     with pytest.raises(ValueError, match="registered: .*psp.*pyconvsegnet"):
-        build_model(make_cfg(arch="deeplab"))
+        build_model(make_cfg(arch="deeplab", validate=False))
     with pytest.raises(ValueError, match="registered: .*pyconvhgresnet.*pyconvresnet.*resnet"):
-        build_model(make_cfg(backbone_net="vgg"))
+        build_model(make_cfg(backbone_net="vgg", validate=False))
     with pytest.raises(ValueError, match="layers"):
-        build_model(make_cfg(layers=34))
+        build_model(make_cfg(layers=34, validate=False))
     with pytest.raises(ValueError, match="output stride"):
-        build_model(make_cfg(backbone_output_stride=4))
+        build_model(make_cfg(backbone_output_stride=4, validate=False))
 
 
 def test_new_backbone_is_selectable_by_name():
@@ -323,7 +321,7 @@ def test_new_backbone_is_selectable_by_name():
         with pytest.raises(ValueError, match="already registered"):
             register_backbone("resnet")(build_small)
     finally:
-        BACKBONES._entries.pop("test_small_resnet", None)
+        BACKBONES.unregister("test_small_resnet")
     assert "test_small_resnet" not in BACKBONES and "psp" in ARCHITECTURES
 
 

@@ -13,7 +13,15 @@ import cv2
 import numpy as np
 import yaml
 
+from util.config import CfgNode, load_cfg
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_cfg(validate: bool = True, **keys) -> CfgNode:
+    """The schema's defaults with ``keys`` set, built by the config loader (type checks and, with
+    ``validate``, every key's check): tests hold no copy of a default."""
+    return load_cfg(None, [item for pair in keys.items() for item in pair], validate=validate)
 
 
 def load_script(relative_path: str, module_name: str) -> ModuleType:

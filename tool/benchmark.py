@@ -69,7 +69,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from util.config import ConfigError, load_cfg  # noqa: E402
-from util.inference import autocast_dtype_for  # noqa: E402
+from util.precision import autocast_dtype_for  # noqa: E402
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MEMORY_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)

@@ -19,7 +19,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from util.cli import exit_with  # noqa: E402
-from util.config import ConfigError, check_device_support, parse_cli  # noqa: E402
+from util.config import ConfigError, parse_cli  # noqa: E402
+from util.precision import check_device_support  # noqa: E402
 from util.dataset import load_image  # noqa: E402
 from util.inference import inference_kwargs, load_inference_model, predict_multiscale  # noqa: E402
 from util.misc import get_logger, select_device  # noqa: E402

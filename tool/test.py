@@ -29,12 +29,13 @@ import torch  # noqa: E402
 
 from util.checkpoint import CheckpointError  # noqa: E402
 from util.cli import exit_with  # noqa: E402
-from util.config import ConfigError, check_device_support, parse_cli  # noqa: E402
+from util.config import ConfigError, parse_cli  # noqa: E402
 from util.dataset import DataError, ListEntry, load_image, load_label, output_names, read_list_entries  # noqa: E402
 from util.distributed import describe_launch, detect_launcher, init_distributed, launcher_world_size  # noqa: E402
 from util.inference import inference_kwargs, load_inference_model, predict_multiscale  # noqa: E402
 from util.metrics import confusion_matrix, metrics_from_confusion, nan_to_none  # noqa: E402
 from util.misc import format_seconds, get_logger, select_device  # noqa: E402
+from util.precision import check_device_support  # noqa: E402
 from util.visualize import colorize, config_class_names, config_palette, save_gray, save_rgb  # noqa: E402
 
 LOG_EVERY = 10  # images between progress lines (as the release)

@@ -39,9 +39,9 @@ from util import engine  # noqa: E402  (engine.train_one_epoch is looked up at c
 from util.checkpoint import (BEST_CHECKPOINT, check_training_checkpoint, checkpoint_path,  # noqa: E402
                               find_resume_checkpoint, make_checkpoint, prune_checkpoints, save_training_checkpoint)
 from util.cli import exit_with  # noqa: E402
-from util.config import ConfigError, check_device_support, load_cfg  # noqa: E402
-from util.inference import autocast_dtype_for  # noqa: E402
+from util.config import ConfigError, load_cfg  # noqa: E402
 from util.misc import format_seconds, get_logger, set_seed  # noqa: E402
+from util.precision import autocast_dtype_for, check_device_support  # noqa: E402
 from util.preparation import missing_list_hint  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------

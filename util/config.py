@@ -2,19 +2,40 @@
 
 A config file has the sections ``DATA``, ``TRAIN``, ``Distributed`` and ``TEST``; their keys
 are merged into one flat :class:`CfgNode` (``cfg.base_lr``), as the release did. Every key
-this codebase knows is listed in :data:`SCHEMA` with its default, so
+this codebase knows is in :data:`SCHEMA` with its default, so
 
 * a release YAML (which lacks the keys added here, e.g. ``precision``) loads unchanged,
 * a typo, in the file or on the command line, is an error that names the nearest valid key,
 * an override is type-checked against the value it replaces.
+
+Keys live beside their code. The keys every tool shares (data, model, sizes, processes, test)
+are listed below; a module that owns a concern declares its own keys, defaults and checks next
+to the code that reads them, at import time::
+
+    # util/optim.py
+    from util.config import check_choice, register_keys
+
+    def _check(cfg):
+        check_choice(cfg, "lr_schedule", SCHEDULES.names())     # one-line error with "did you mean"
+
+    register_keys("TRAIN", {"lr_schedule": "poly", "warmup_iters": 0}, check=_check)
+
+and, if it lives in this repository, is named in :data:`KEY_MODULES` so that it is imported before
+any config is read (a user's module only has to be imported before ``load_cfg``, e.g. a loss
+registered in a test). Its keys then join the schema: they load from the file and from overrides,
+are type-checked against the default, appear in :func:`dump_cfg`, and ``check(cfg)`` runs in
+:func:`validate_cfg` with the other checks, before anything heavy is built. A check raises
+:class:`ConfigError` (``check_choice`` / ``require`` help); one key has one owner.
 """
 from __future__ import annotations
 
 import ast
 import copy
 import difflib
+import importlib
 import os
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+import sys
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import yaml
 
@@ -39,10 +60,6 @@ SCHEMA: Dict[str, Dict[str, Any]] = {
         "sync_bn": True,
         "train_h": 473,
         "train_w": 473,
-        "scale_min": 0.5,
-        "scale_max": 2.0,
-        "rotate_min": -10,
-        "rotate_max": 10,
         "zoom_factor": 8,
         "ignore_label": 255,
         "aux_weight": 0.4,
@@ -50,12 +67,8 @@ SCHEMA: Dict[str, Dict[str, Any]] = {
         "workers": 16,
         "batch_size": 16,
         "batch_size_val": 16,
-        "base_lr": 0.01,
         "epochs": 100,
         "start_epoch": 0,
-        "power": 0.9,
-        "momentum": 0.9,
-        "weight_decay": 0.0001,
         "manual_seed": None,
         "print_freq": 10,
         "save_freq": 1,
@@ -65,7 +78,6 @@ SCHEMA: Dict[str, Dict[str, Any]] = {
         "evaluate": False,
         "pretrained": None,
         "use_ppm": False,  # legacy key of the release; the arch decides the head
-        "precision": "fp32",
         "channels_last": True,
         "compile": False,
         "keep_checkpoints": 2,
@@ -107,13 +119,75 @@ SCHEMA: Dict[str, Dict[str, Any]] = {
 
 ALL_DEFAULTS: Dict[str, Any] = {k: v for section in SCHEMA.values() for k, v in section.items()}
 
-ARCHS = ("pyconvsegnet", "psp")
-BACKBONES = ("resnet", "pyconvresnet", "pyconvhgresnet")
-LAYERS = (50, 101, 152)
-ZOOM_FACTORS = (1, 2, 4, 8)
-OUTPUT_STRIDES = (8, 16, 32)
-PRECISIONS = ("fp32", "bf16", "fp16")
+# Modules of this repository that declare keys with register_keys (imported before any config is read).
+KEY_MODULES = ("util.precision", "util.optim", "util.transforms")
+
 SPLITS = ("train", "val", "test")
+
+# check functions of register_keys, by "module.qualname" (re-importing a module replaces, not adds)
+_CHECKS: Dict[str, Any] = {}
+_KEY_OWNERS: Dict[str, str] = {}
+_key_modules_loaded = False
+
+
+def register_keys(section: str, defaults: Dict[str, Any], check: Optional[Callable[["CfgNode"], None]] = None,
+                  owner: Optional[str] = None) -> None:
+    """Add ``defaults`` (key -> default; ``None`` = empty, any type) to ``section`` of the schema and,
+    optionally, ``check(cfg)``, run by :func:`validate_cfg` on every loaded config (raise ConfigError).
+
+    Call it at import time of the module that reads the keys (see the module docstring). ``owner``
+    (default: the check's module, else the caller's) names who declared a key: another owner
+    declaring the same key is an error, the same owner (a re-import) replaces its declaration.
+    """
+    if section not in SCHEMA:
+        raise ValueError(f"unknown config section '{section}'{_suggestion(section, SCHEMA)}; one of {list(SCHEMA)}")
+    if owner is None:
+        owner = check.__module__ if check is not None else sys._getframe(1).f_globals.get("__name__", "?")
+    for key, default in defaults.items():
+        previous = _KEY_OWNERS.get(key, "util.config" if key in ALL_DEFAULTS else None)
+        if previous is not None and previous != owner:
+            raise ValueError(f"config key '{key}' is already declared by {previous}")
+    for key, default in defaults.items():
+        SCHEMA[section][key] = default
+        ALL_DEFAULTS[key] = default
+        _KEY_OWNERS[key] = owner
+    if check is not None:
+        _CHECKS[f"{check.__module__}.{check.__qualname__}"] = (owner, check)
+
+
+def unregister_keys(keys: Iterable[str]) -> None:
+    """Remove keys declared with :func:`register_keys` (e.g. in a test's cleanup); an owner's checks
+    go with its last key."""
+    for key in keys:
+        if key not in _KEY_OWNERS:
+            raise ValueError(f"config key '{key}' was not declared with register_keys")
+        del _KEY_OWNERS[key], ALL_DEFAULTS[key]
+        for section in SCHEMA.values():
+            section.pop(key, None)
+    owners = set(_KEY_OWNERS.values())
+    for name in [name for name, (owner, _) in _CHECKS.items() if owner not in owners]:
+        del _CHECKS[name]
+
+
+def _load_key_modules() -> None:
+    """Import :data:`KEY_MODULES` once, so that their keys are in the schema."""
+    global _key_modules_loaded
+    if not _key_modules_loaded:
+        _key_modules_loaded = True
+        for name in KEY_MODULES:
+            importlib.import_module(name)
+
+
+def schema() -> Dict[str, Dict[str, Any]]:
+    """Section -> key -> default, every module's keys included."""
+    _load_key_modules()
+    return SCHEMA
+
+
+def defaults() -> Dict[str, Any]:
+    """Key -> default over all sections, every module's keys included."""
+    _load_key_modules()
+    return ALL_DEFAULTS
 
 
 class CfgNode(dict):
@@ -213,21 +287,22 @@ def load_cfg(path: Optional[str], overrides: Optional[Sequence[str]] = None, val
         overrides: ``[KEY, VALUE, KEY, VALUE, ...]`` as given on the command line.
         validate: check values (layers, zoom, sizes, ...) after merging.
     """
-    cfg = CfgNode(copy.deepcopy(ALL_DEFAULTS))
+    all_defaults = defaults()
+    cfg = CfgNode(copy.deepcopy(all_defaults))
     if path is not None:
         data = _read_yaml(path)
         for section, entries in data.items():
             if section not in SCHEMA:
-                if section in ALL_DEFAULTS:
+                if section in all_defaults:
                     raise ConfigError(f"{path}: key '{section}' must be inside one of the sections {list(SCHEMA)}")
                 raise ConfigError(f"{path}: unknown section '{section}'{_suggestion(section, SCHEMA)}")
             for key, value in (entries or {}).items():
-                if key not in ALL_DEFAULTS:
+                if key not in all_defaults:
                     raise ConfigError(f"{path}: unknown key '{key}' in section {section}"
-                                      f"{_suggestion(key, ALL_DEFAULTS)}")
+                                      f"{_suggestion(key, all_defaults)}")
                 if isinstance(value, str) and _is_none_text(value):
                     value = None
-                cfg[key] = _check_type(key, value, ALL_DEFAULTS[key], path)
+                cfg[key] = _check_type(key, value, all_defaults[key], path)
     apply_overrides(cfg, overrides or [])
     if validate:
         validate_cfg(cfg)
@@ -243,71 +318,76 @@ def apply_overrides(cfg: CfgNode, overrides: Sequence[str]) -> CfgNode:
         if key not in cfg:
             raise ConfigError(f"unknown config key '{key}'{_suggestion(key, cfg.keys())}")
         value = parse_value(text)
-        reference = cfg[key] if cfg[key] is not None else ALL_DEFAULTS.get(key)
+        reference = cfg[key] if cfg[key] is not None else defaults().get(key)
         # A key left empty in the YAML and by default accepts any type (as in the release).
         cfg[key] = _check_type(key, value, reference, "override")
     return cfg
 
 
-def _require(cond: bool, message: str) -> None:
+def require(cond: bool, message: str) -> None:
+    """Raise ConfigError(``message``) unless ``cond``: the building block of a key's check."""
     if not cond:
         raise ConfigError(message)
 
 
-def _registered_names():
-    """Names of the architectures and backbones ``build_model`` can make (including user registrations)."""
-    try:
-        from model.registry import registered_archs, registered_backbones
-    except ImportError:  # model package not importable: fall back to the release's names
-        return set(ARCHS), set(BACKBONES)
-    return set(registered_archs()), set(registered_backbones())
+def check_choice(cfg: CfgNode, key: str, allowed: Iterable[Any]) -> None:
+    """``cfg[key]`` must be one of ``allowed`` (e.g. a registry's names); the error suggests the nearest."""
+    allowed = list(allowed)
+    value = cfg[key]
+    if value not in allowed:
+        shown = sorted(allowed) if all(isinstance(a, str) for a in allowed) else allowed
+        raise ConfigError(f"{key} must be one of {shown}, got {value!r}"
+                          f"{_suggestion(str(value), [str(a) for a in allowed])}")
+
+
+def _check_model(cfg: CfgNode) -> None:
+    """The model keys, against what model/ can build: its registries (user registrations included),
+    each backbone's depths (a builder's ``supported_layers``), output strides and zoom factors."""
+    from model import ARCHITECTURES, BACKBONES, OUTPUT_STRIDES, ZOOM_FACTORS
+
+    check_choice(cfg, "arch", ARCHITECTURES.names())
+    check_choice(cfg, "backbone_net", BACKBONES.names())
+    supported_layers = getattr(BACKBONES.get(cfg.backbone_net), "supported_layers", None)
+    if supported_layers is not None:
+        check_choice(cfg, "layers", supported_layers)
+    check_choice(cfg, "zoom_factor", ZOOM_FACTORS)
+    check_choice(cfg, "backbone_output_stride", OUTPUT_STRIDES)
+    require(isinstance(cfg.classes, int) and cfg.classes >= 2, f"classes must be an integer >= 2, got {cfg.classes}")
+
+
+def _check_shared(cfg: CfgNode) -> None:
+    for key in ("train_h", "train_w", "test_h", "test_w"):
+        value = cfg[key]
+        require(isinstance(value, int) and value > 0 and (value - 1) % 8 == 0,
+                f"{key} must satisfy ({key} - 1) % 8 == 0 (e.g. 65, 473, 713), got {value}")
+    check_choice(cfg, "split", SPLITS)
+    require(isinstance(cfg.scales, list) and len(cfg.scales) > 0 and all(s > 0 for s in cfg.scales),
+            f"scales must be a non-empty list of positive numbers, got {cfg.scales}")
+    # 0 or empty = each image at its own size (what the release's `base_size: 0` meant).
+    require(cfg.base_size is None or (isinstance(cfg.base_size, int) and cfg.base_size >= 0),
+            f"base_size must be a number of pixels (0 or empty: each image at its own size), got {cfg.base_size}")
+    for key in ("batch_size", "batch_size_val", "test_batch_size", "epochs", "save_freq", "print_freq",
+                "keep_checkpoints"):
+        require(isinstance(cfg[key], int) and cfg[key] >= 1, f"{key} must be an integer >= 1, got {cfg[key]}")
+    require(isinstance(cfg.workers, int) and cfg.workers >= 0, f"workers must be an integer >= 0, got {cfg.workers}")
+    require(cfg.aux_weight >= 0, f"aux_weight must be >= 0, got {cfg.aux_weight}")
+    require(cfg.index_start >= 0 and cfg.index_step >= 0, "index_start and index_step must be >= 0")
+    require(cfg.dist_timeout > 0, f"dist_timeout must be a positive number of seconds, got {cfg.dist_timeout}")
 
 
 def validate_cfg(cfg: CfgNode) -> None:
-    """Raise ConfigError for values no run can use. Nothing heavy is imported or built."""
-    archs, backbones = _registered_names()
-    _require(cfg.arch in archs, f"arch '{cfg.arch}' is not one of {sorted(archs)}{_suggestion(str(cfg.arch), archs)}")
-    _require(cfg.backbone_net in backbones, f"backbone_net '{cfg.backbone_net}' is not one of "
-             f"{sorted(backbones)}{_suggestion(str(cfg.backbone_net), backbones)}")
-    if cfg.backbone_net in BACKBONES:
-        _require(cfg.layers in LAYERS, f"layers must be one of {list(LAYERS)}, got {cfg.layers}")
-    _require(cfg.zoom_factor in ZOOM_FACTORS, f"zoom_factor must be one of {list(ZOOM_FACTORS)}, got {cfg.zoom_factor}")
-    _require(cfg.backbone_output_stride in OUTPUT_STRIDES,
-             f"backbone_output_stride must be one of {list(OUTPUT_STRIDES)}, got {cfg.backbone_output_stride}")
-    _require(isinstance(cfg.classes, int) and cfg.classes >= 2, f"classes must be an integer >= 2, got {cfg.classes}")
-    for key in ("train_h", "train_w", "test_h", "test_w"):
-        value = cfg[key]
-        _require(isinstance(value, int) and value > 0 and (value - 1) % 8 == 0,
-                 f"{key} must satisfy ({key} - 1) % 8 == 0 (e.g. 65, 473, 713), got {value}")
-    _require(cfg.precision in PRECISIONS, f"precision must be one of {list(PRECISIONS)}, got '{cfg.precision}'")
-    _require(cfg.split in SPLITS, f"split must be one of {list(SPLITS)}, got '{cfg.split}'")
-    _require(cfg.scale_min > 0 and cfg.scale_min <= cfg.scale_max,
-             f"need 0 < scale_min <= scale_max, got {cfg.scale_min} and {cfg.scale_max}")
-    _require(cfg.rotate_min <= cfg.rotate_max, f"need rotate_min <= rotate_max, got {cfg.rotate_min} and {cfg.rotate_max}")
-    _require(isinstance(cfg.scales, list) and len(cfg.scales) > 0 and all(s > 0 for s in cfg.scales),
-             f"scales must be a non-empty list of positive numbers, got {cfg.scales}")
-    # 0 or empty = each image at its own size (what the release's `base_size: 0` meant).
-    _require(cfg.base_size is None or (isinstance(cfg.base_size, int) and cfg.base_size >= 0),
-             f"base_size must be a number of pixels (0 or empty: each image at its own size), got {cfg.base_size}")
-    for key in ("batch_size", "batch_size_val", "test_batch_size", "epochs", "save_freq", "print_freq",
-                "keep_checkpoints"):
-        _require(isinstance(cfg[key], int) and cfg[key] >= 1, f"{key} must be an integer >= 1, got {cfg[key]}")
-    _require(isinstance(cfg.workers, int) and cfg.workers >= 0, f"workers must be an integer >= 0, got {cfg.workers}")
-    _require(cfg.aux_weight >= 0, f"aux_weight must be >= 0, got {cfg.aux_weight}")
-    _require(cfg.index_start >= 0 and cfg.index_step >= 0, "index_start and index_step must be >= 0")
-    _require(cfg.dist_timeout > 0, f"dist_timeout must be a positive number of seconds, got {cfg.dist_timeout}")
-
-
-def check_device_support(cfg: CfgNode, device_type: str) -> None:
-    """Combinations that depend on the machine: fp16 needs CUDA (there is no fp16 training path on CPU)."""
-    if cfg.precision == "fp16" and device_type != "cuda":
-        raise ConfigError("precision fp16 needs a CUDA device (it trains with a gradient scaler on the GPU); "
-                          "on the CPU use precision bf16 or fp32")
+    """Raise ConfigError for values no run can use: the shared keys' checks, then every module's
+    (see :func:`register_keys`). Nothing is built."""
+    _load_key_modules()
+    _check_model(cfg)
+    _check_shared(cfg)
+    for _, check in list(_CHECKS.values()):
+        check(cfg)
 
 
 def dump_cfg(cfg: CfgNode, path: str) -> None:
     """Write ``cfg`` back in the sectioned layout (e.g. beside a run's checkpoints)."""
-    sections: Dict[str, Dict[str, Any]] = {s: {k: cfg[k] for k in keys if k in cfg} for s, keys in SCHEMA.items()}
+    sections: Dict[str, Dict[str, Any]] = {s: {k: cfg[k] for k in keys if k in cfg} for s, keys in schema().items()}
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(sections, f, sort_keys=False)
 

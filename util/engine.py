@@ -5,7 +5,6 @@ the loss) over all processes, so every rank returns the same global numbers.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -18,6 +17,7 @@ from torch import nn
 from util.distributed import all_reduce_sum, get_rank
 from util.metrics import confusion_matrix, metrics_from_confusion
 from util.misc import AverageMeter, format_seconds
+from util.precision import autocast
 
 
 class NonFiniteLossError(RuntimeError):
@@ -52,13 +52,6 @@ class SegmentationCrossEntropy(nn.Module):
 
 def build_criterion(ignore_index: int = 255) -> nn.Module:
     return SegmentationCrossEntropy(ignore_index)
-
-
-def autocast_context(device: torch.device, amp_dtype: Optional[torch.dtype]):
-    """``torch.autocast`` for ``amp_dtype`` (bf16/fp16) on ``device``; a no-op for fp32 (None)."""
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
 def match_target_size(target: torch.Tensor, size) -> torch.Tensor:
@@ -138,7 +131,7 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
         data_time.update(time.time() - end)
         image, target = _to_device(image, target, device, channels_last)
         optimizer.zero_grad(set_to_none=True)
-        with autocast_context(device, amp_dtype):
+        with autocast(device.type, amp_dtype):
             logits, aux_logits = model(image)
         target_main = match_target_size(target, logits.shape[-2:])
         main_loss = criterion(logits.float(), target_main)
@@ -237,7 +230,7 @@ def evaluate(model: nn.Module, loader, criterion: nn.Module, device: torch.devic
     with torch.inference_mode():
         for image, target in loader:
             image, target = _to_device(image, target, device, channels_last)
-            with autocast_context(device, amp_dtype):
+            with autocast(device.type, amp_dtype):
                 logits = model(image)
             if isinstance(logits, (tuple, list)):  # a model that also returns aux in eval mode
                 logits = logits[0]

@@ -28,7 +28,6 @@ of one window at a time into a float64 host array, and
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -36,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from util.precision import autocast, autocast_dtype_for
 
 SizeLike = Union[int, Sequence[int]]
 # Upper bound on the float32 logits of one forward of sliding_window_probs (windows per forward are
@@ -161,11 +162,7 @@ def _window_probs(model: nn.Module, batch: torch.Tensor, flip: bool, autocast_dt
     inputs = torch.cat([batch, batch.flip(3)], 0) if flip else batch
     if channels_last:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
-    if autocast_dtype is not None:
-        autocast = torch.autocast(device_type=inputs.device.type, dtype=autocast_dtype)
-    else:
-        autocast = contextlib.nullcontext()
-    with autocast:
+    with autocast(inputs.device.type, autocast_dtype):
         logits = model(inputs)
     if isinstance(logits, (tuple, list)):
         raise TypeError("the model returned a tuple: put it in eval mode (model.eval()) before inference")
@@ -320,16 +317,6 @@ def predict_multiscale(model: nn.Module, image: ImageLike, num_classes: int, cro
 
 
 # ---------------------------------------------------------------- config glue shared by tool/test.py and tool/demo.py
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast_dtype_for(precision: Optional[str]) -> Optional[torch.dtype]:
-    """The autocast dtype of a ``precision`` setting ("fp32" -> None, "bf16", "fp16")."""
-    if precision not in AUTOCAST_DTYPES and precision is not None:
-        raise ValueError(f"precision must be one of {list(AUTOCAST_DTYPES)}, got {precision!r}")
-    return AUTOCAST_DTYPES.get(precision or "fp32")
-
-
 def inference_kwargs(cfg) -> dict:
     """Keyword arguments of :func:`predict_multiscale` from a config (TEST keys, ``classes``,
     ``precision``; mean/std from util.transforms)."""

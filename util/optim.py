@@ -14,7 +14,11 @@ from typing import Dict, Iterable, List
 import torch
 from torch import nn
 
+from util.config import register_keys
+
 HEAD_LR_MULT = 10.0
+
+register_keys("TRAIN", {"base_lr": 0.01, "power": 0.9, "momentum": 0.9, "weight_decay": 0.0001})
 
 
 def _parameters_of(modules: Iterable[nn.Module]) -> List[nn.Parameter]:

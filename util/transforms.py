@@ -26,6 +26,8 @@ import cv2
 import numpy as np
 import torch
 
+from util.config import register_keys, require
+
 # ImageNet statistics on the 0..255 scale, RGB order (the release's constants).
 MEAN: list[float] = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 STD: list[float] = [0.229 * 255, 0.224 * 255, 0.225 * 255]
@@ -310,6 +312,16 @@ class Normalize:
 
     def __repr__(self) -> str:
         return f"Normalize(mean={self.mean}, std={self.std})"
+
+
+def _check_keys(cfg) -> None:
+    require(cfg.scale_min > 0 and cfg.scale_min <= cfg.scale_max,
+            f"need 0 < scale_min <= scale_max, got {cfg.scale_min} and {cfg.scale_max}")
+    require(cfg.rotate_min <= cfg.rotate_max, f"need rotate_min <= rotate_max, got {cfg.rotate_min} and {cfg.rotate_max}")
+
+
+# Degrees as floats: a YAML "-10" loads as -10.0, and "rotate_min -7.5" is accepted.
+register_keys("TRAIN", {"scale_min": 0.5, "scale_max": 2.0, "rotate_min": -10.0, "rotate_max": 10.0}, check=_check_keys)
 
 
 def build_train_transform(cfg) -> Compose:
