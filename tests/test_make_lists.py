@@ -18,7 +18,8 @@ def make_folder(root, count=6, size=(24, 32), classes=3):
         (root / "masks" / sub).mkdir(parents=True, exist_ok=True)
         mask = rng.integers(0, classes, size, dtype=np.uint8)
         mask[0] = 255
-        assert cv2.imwrite(str(root / "images" / f"{sub}img {index}.jpg"), rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+        image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+        assert cv2.imwrite(str(root / "images" / f"{sub}img {index}.jpg"), image)
         assert cv2.imwrite(str(root / "masks" / f"{sub}img {index}.png"), mask)
         masks[f"{sub}img {index}"] = mask
     return masks
@@ -86,7 +87,8 @@ def test_train_on_the_lists(tmp_path, capsys, one_thread, monkeypatch):
     make_folder(tmp_path, count=4)
     code, out, _ = run(tmp_path, capsys, "--val-fraction", "0.5")
     assert code == 0
-    overrides = out.split("train with: ./tool/train.sh custom pyconvresnet50_pyconvsegnet ")[1].split()
+    command = "train (from the repository root) with: ./tool/train.sh custom pyconvresnet50_pyconvsegnet "
+    overrides = out.split(command)[1].split()
     monkeypatch.chdir(tmp_path)
     train = load_script("tool/train.py", "train_tool_for_make_lists")
     summary = train.main(["--config", str(REPO_ROOT / "config/custom/custom_pyconvresnet50_pyconvsegnet.yaml"),

@@ -74,7 +74,8 @@ def frequency_table(counts: np.ndarray, classes: int, ignore_label: int, class_n
     for class_id in range(classes):
         share = 100.0 * counts[class_id] / labelled if labelled else 0.0
         note = "   <- no pixel" if counts[class_id] == 0 else ""
-        lines.append(f"  {class_id:>3} {class_names[class_id]:<{width}} {int(counts[class_id]):>12} {share:6.2f}%{note}")
+        lines.append(f"  {class_id:>3} {class_names[class_id]:<{width}} {int(counts[class_id]):>12} "
+                     f"{share:6.2f}%{note}")
     lines.append(f"  {ignore_label:>3} {'(ignored)':<{width}} {int(counts[ignore_label]):>12}")
     return lines
 
@@ -150,9 +151,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                                         args.classes, args.ignore_label, class_names)))
     out = args.out.resolve()
     print(f"{len(errors)} bad file(s) left out" + (" (see the errors above)" if errors else ""))
-    print(f"train with: ./tool/train.sh custom pyconvresnet50_pyconvsegnet data_root {data_root} "
-          f"train_list {out / 'train.txt'} val_list {out / 'val.txt'} test_list {out / 'val.txt'} "
-          f"classes {args.classes} ignore_label {args.ignore_label}")
+    print(f"train (from the repository root) with: ./tool/train.sh custom pyconvresnet50_pyconvsegnet "
+          f"data_root {data_root} train_list {out / 'train.txt'} val_list {out / 'val.txt'} "
+          f"test_list {out / 'val.txt'} classes {args.classes} ignore_label {args.ignore_label}")
     return 1 if errors else 0
 
 

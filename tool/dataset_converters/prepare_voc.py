@@ -142,8 +142,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 continue
             left_out.add(name)
     try:
-        failed = convert_labels([(source, root / OUTPUT_DIR / f"{name}.png") for name, source in sorted(sources.items())],
-                                convert_label, max(1, args.workers), "labels")
+        jobs = [(source, root / OUTPUT_DIR / f"{name}.png") for name, source in sorted(sources.items())]
+        failed = convert_labels(jobs, convert_label, max(1, args.workers), "labels")
         for split, names in sets.items():
             write_list(root / "list" / f"{split}.txt",
                        [f"JPEGImages/{name}.jpg {OUTPUT_DIR}/{name}.png" for name in names
