@@ -9,7 +9,7 @@ write) and its label mapping; this module does the rest, identically for every d
   (``write_atomically``): a file under its final name is always complete, and the temporaries an
   interrupted run left behind are removed (and their labels redone) by the next run;
 * a label that cannot be converted is an error naming the file; it is left out of the lists and the
-  tool exits with status 1 (``report_done``);
+  tool exits with status 1 (``run_preparation``, the tools' shared command line);
 * list files are rewritten only when their content changes (``write_list``);
 * label mappings are lookup tables applied by ``remap``: a value outside the table is an error
   naming the values, never a silent ignore.
@@ -20,6 +20,7 @@ error.
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
@@ -34,7 +35,7 @@ import numpy as np
 __all__ = [
     "IGNORE_LABEL", "TEMP_MARKER", "LabelError", "log", "write_atomically", "write_list", "is_up_to_date",
     "remove_leftover_temp_files", "files_by_stem", "pair_by_stem", "read_label_png", "remap", "run_parallel",
-    "convert_labels", "report_done", "DATASET_SOURCES", "missing_list_hint", "default_workers",
+    "convert_labels", "run_preparation", "DATASET_SOURCES", "missing_list_hint", "default_workers",
 ]
 
 IGNORE_LABEL = 255
@@ -295,8 +296,36 @@ def convert_labels(jobs: Sequence[Tuple[Path, Path]], convert: Callable[[Path], 
     return failed
 
 
-def report_done(start: float, errors: int, left_out: int = 0) -> int:
-    """Log the closing line of a preparation and return its exit status (1 when a file failed)."""
+def run_preparation(argv: Optional[Sequence[str]], doc: str, root_help: str,
+                    check_layout: Callable[[argparse.Namespace], Optional[str]],
+                    prepare: Callable[[argparse.Namespace], Tuple[int, int]],
+                    add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> int:
+    """The command line and exit statuses every preparation tool shares: ``ROOT [--workers N]`` plus the
+    tool's own arguments (``add_arguments``).
+
+    ``check_layout(args)`` returns what is wrong with the folders given (exit status 2) or None;
+    ``prepare(args)`` does the work and returns (files that failed, files left out of the lists). The
+    status is 1 when a file failed or the disk refused a write (OSError), else 0; the last line says
+    how long it took.
+    """
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[-1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root", type=Path, help=root_help)
+    parser.add_argument("--workers", type=int, default=default_workers(), help="worker processes (default: all cores)")
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.workers = max(1, args.workers)
+    problem = check_layout(args) if args.root.is_dir() else f"{args.root} is not a folder"
+    if problem:
+        log(f"ERROR {problem}")
+        return 2
+    start = time.monotonic()
+    try:
+        errors, left_out = prepare(args)
+    except OSError as error:
+        log(f"ERROR {error}")
+        return 1
     log(f"done in {_format_duration(time.monotonic() - start)}: {errors} error(s), "
         f"{left_out} file(s) left out of the lists")
     return 1 if errors else 0

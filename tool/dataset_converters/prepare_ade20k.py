@@ -20,9 +20,7 @@ the expected folders is status 2. Progress lines with an ETA go to stderr.
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -30,8 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from util.preparation import (IGNORE_LABEL, convert_labels, default_workers, files_by_stem, log,  # noqa: E402
-                              pair_by_stem, read_label_png, remap, report_done, write_list)
+from util.preparation import (IGNORE_LABEL, convert_labels, files_by_stem, pair_by_stem,  # noqa: E402
+                              read_label_png, remap, run_preparation, write_list)
 
 SPLITS = ("training", "validation")
 NUM_CLASSES = 150
@@ -65,39 +63,32 @@ def prepare_split(root: Path, split: str, workers: int) -> tuple[list[str], int,
     return lines, len(failed), unpaired + len(failed)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("root", type=Path, help="unpacked ADEChallengeData2016 folder")
-    parser.add_argument("--workers", type=int, default=default_workers(), help="worker processes (default: all cores)")
-    args = parser.parse_args(argv)
-    root = args.root
-    if not root.is_dir():
-        log(f"ERROR {root} is not a folder")
-        return 2
+def check_layout(args) -> Optional[str]:
     missing = [f"{kind}/{split}" for kind in ("images", "annotations") for split in SPLITS
-               if not (root / kind / split).is_dir()]
+               if not (args.root / kind / split).is_dir()]
     if missing:
-        log(f"ERROR {root} does not look like ADEChallengeData2016: missing folder(s) {', '.join(missing)} "
-            f"(expected images/{{training,validation}} and annotations/{{training,validation}})")
-        return 2
-    start = time.monotonic()
-    all_lines, total_errors, total_left_out = [], 0, 0
-    try:
-        for split in SPLITS:
-            lines, errors, left_out = prepare_split(root, split, max(1, args.workers))
-            all_lines += lines
-            total_errors += errors
-            total_left_out += left_out
-        write_list(root / "list" / "trainval.txt", all_lines)
-        if (root / TEST_DIR).is_dir():
-            test_images = files_by_stem(root / TEST_DIR, IMAGE_SUFFIXES)
-            write_list(root / "list" / "testing.txt", [f"{TEST_DIR}/{test_images[name].name}"
-                                                       for name in sorted(test_images)])
-    except OSError as error:
-        log(f"ERROR {error}")
-        return 1
-    return report_done(start, total_errors, total_left_out)
+        return (f"{args.root} does not look like ADEChallengeData2016: missing folder(s) {', '.join(missing)} "
+                f"(expected images/{{training,validation}} and annotations/{{training,validation}})")
+    return None
+
+
+def prepare(args) -> tuple[int, int]:
+    root, all_lines, total_errors, total_left_out = args.root, [], 0, 0
+    for split in SPLITS:
+        lines, errors, left_out = prepare_split(root, split, args.workers)
+        all_lines += lines
+        total_errors += errors
+        total_left_out += left_out
+    write_list(root / "list" / "trainval.txt", all_lines)
+    if (root / TEST_DIR).is_dir():
+        test_images = files_by_stem(root / TEST_DIR, IMAGE_SUFFIXES)
+        write_list(root / "list" / "testing.txt", [f"{TEST_DIR}/{test_images[name].name}"
+                                                   for name in sorted(test_images)])
+    return total_errors, total_left_out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return run_preparation(argv, __doc__, "unpacked ADEChallengeData2016 folder", check_layout, prepare)
 
 
 if __name__ == "__main__":

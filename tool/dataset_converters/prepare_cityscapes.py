@@ -18,9 +18,7 @@ folders is status 2. Progress lines with an ETA go to stderr.
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -28,8 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from util.preparation import (IGNORE_LABEL, convert_labels, default_workers, files_by_stem, log,  # noqa: E402
-                              pair_by_stem, read_label_png, remap, report_done, write_list)
+from util.preparation import (IGNORE_LABEL, convert_labels, files_by_stem, pair_by_stem,  # noqa: E402
+                              read_label_png, remap, run_preparation, write_list)
 
 LABELLED_SPLITS = ("train", "val")
 TEST_SPLIT = "test"
@@ -100,34 +98,30 @@ def prepare_split(root: Path, split: str, workers: int) -> tuple[int, int]:
     return len(failed), len(images) + len(labels) - 2 * len(keys) + len(failed)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("root", type=Path, help="folder holding leftImg8bit/ and gtFine/")
-    parser.add_argument("--workers", type=int, default=default_workers(), help="worker processes (default: all cores)")
-    args = parser.parse_args(argv)
-    root = args.root
+def check_layout(args) -> Optional[str]:
     missing = [f"{kind}/{split}" for kind in ("leftImg8bit", "gtFine") for split in LABELLED_SPLITS
-               if not (root / kind / split).is_dir()]
+               if not (args.root / kind / split).is_dir()]
     if missing:
-        log(f"ERROR {root} does not look like Cityscapes: missing folder(s) {', '.join(missing)} (unpack "
-            f"leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip into it)")
-        return 2
-    start = time.monotonic()
-    total_errors = total_left_out = 0
-    try:
-        for split in LABELLED_SPLITS:
-            errors, left_out = prepare_split(root, split, max(1, args.workers))
-            total_errors += errors
-            total_left_out += left_out
-        if (root / "leftImg8bit" / TEST_SPLIT).is_dir():
-            images = files_by_stem(root / "leftImg8bit" / TEST_SPLIT, (".png",), strip=IMAGE_SUFFIX, recursive=True)
-            write_list(root / "list" / f"{TEST_SPLIT}.txt",
-                       [f"leftImg8bit/{TEST_SPLIT}/{key}{IMAGE_SUFFIX}.png" for key in sorted(images)])
-    except OSError as error:
-        log(f"ERROR {error}")
-        return 1
-    return report_done(start, total_errors, total_left_out)
+        return (f"{args.root} does not look like Cityscapes: missing folder(s) {', '.join(missing)} (unpack "
+                f"leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip into it)")
+    return None
+
+
+def prepare(args) -> tuple[int, int]:
+    root, total_errors, total_left_out = args.root, 0, 0
+    for split in LABELLED_SPLITS:
+        errors, left_out = prepare_split(root, split, args.workers)
+        total_errors += errors
+        total_left_out += left_out
+    if (root / "leftImg8bit" / TEST_SPLIT).is_dir():
+        images = files_by_stem(root / "leftImg8bit" / TEST_SPLIT, (".png",), strip=IMAGE_SUFFIX, recursive=True)
+        write_list(root / "list" / f"{TEST_SPLIT}.txt",
+                   [f"leftImg8bit/{TEST_SPLIT}/{key}{IMAGE_SUFFIX}.png" for key in sorted(images)])
+    return total_errors, total_left_out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return run_preparation(argv, __doc__, "folder holding leftImg8bit/ and gtFine/", check_layout, prepare)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,7 @@ out, exit status 1); a ROOT or SBD_ROOT without the expected files is status 2.
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -33,8 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from util.preparation import (IGNORE_LABEL, LabelError, convert_labels, default_workers, log,  # noqa: E402
-                              read_label_png, remap, report_done, write_list)
+from util.preparation import (IGNORE_LABEL, LabelError, convert_labels, log, read_label_png, remap,  # noqa: E402
+                              run_preparation, write_list)
 
 NUM_CLASSES = 21  # background + 20 object classes
 OUTPUT_DIR = "SegmentationClassAug"
@@ -97,36 +95,31 @@ def find_sbd_dataset(sbd_root: Path) -> Optional[Path]:
     return None
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("root", type=Path, help="VOCdevkit/VOC2012")
-    parser.add_argument("--sbd", type=Path, help="SBD's benchmark_RELEASE/dataset folder (adds list/train_aug.txt)")
-    parser.add_argument("--workers", type=int, default=default_workers(), help="worker processes (default: all cores)")
-    args = parser.parse_args(argv)
-    root = args.root
+def check_layout(args) -> Optional[str]:
+    """What is missing in ROOT or SBD_ROOT (None when both are usable); sets ``args.sbd_dataset``."""
     missing = [name for name in ("JPEGImages", "SegmentationClass", f"{VOC_SETS}/train.txt", f"{VOC_SETS}/val.txt")
-               if not (root / name).exists()]
+               if not (args.root / name).exists()]
     if missing:
-        log(f"ERROR {root} does not look like VOCdevkit/VOC2012: missing {', '.join(missing)}")
-        return 2
-    sets = {"train": read_names(root / VOC_SETS / "train.txt"), "val": read_names(root / VOC_SETS / "val.txt")}
-    sbd = None
+        return f"{args.root} does not look like VOCdevkit/VOC2012: missing {', '.join(missing)}"
+    args.sbd_dataset = None
     if args.sbd is not None:
-        sbd = find_sbd_dataset(args.sbd)
-        if sbd is None:
-            log(f"ERROR {args.sbd} does not look like SBD's benchmark_RELEASE/dataset: expected cls/, train.txt "
-                f"and val.txt in it")
-            return 2
+        args.sbd_dataset = find_sbd_dataset(args.sbd)
+        if args.sbd_dataset is None:
+            return (f"{args.sbd} does not look like SBD's benchmark_RELEASE/dataset: expected cls/, train.txt "
+                    f"and val.txt")
         try:
             import scipy.io  # noqa: F401
         except ImportError:
-            log("ERROR reading SBD's .mat files needs scipy: pip install -r requirements-datasets.txt")
-            return 2
+            return "reading SBD's .mat files needs scipy: pip install -r requirements-datasets.txt"
+    return None
+
+
+def prepare(args) -> tuple[int, int]:
+    root, sbd = args.root, args.sbd_dataset
+    sets = {"train": read_names(root / VOC_SETS / "train.txt"), "val": read_names(root / VOC_SETS / "val.txt")}
+    if sbd is not None:
         sets["train_aug"] = train_aug_names(sets["train"], sets["val"], read_names(sbd / "train.txt"),
                                             read_names(sbd / "val.txt"))
-
-    start = time.monotonic()
     # One label source per name: VOC's own label when there is one, else SBD's.
     sources, left_out = {}, set()
     for split, names in sets.items():
@@ -141,17 +134,20 @@ def main(argv: Optional[list[str]] = None) -> int:
                 sources[name] = source
                 continue
             left_out.add(name)
-    try:
-        jobs = [(source, root / OUTPUT_DIR / f"{name}.png") for name, source in sorted(sources.items())]
-        failed = convert_labels(jobs, convert_label, max(1, args.workers), "labels")
-        for split, names in sets.items():
-            write_list(root / "list" / f"{split}.txt",
-                       [f"JPEGImages/{name}.jpg {OUTPUT_DIR}/{name}.png" for name in names
-                        if name in sources and sources[name] not in failed])
-    except OSError as error:
-        log(f"ERROR {error}")
-        return 1
-    return report_done(start, len(failed), len(left_out) + len(failed))
+    jobs = [(source, root / OUTPUT_DIR / f"{name}.png") for name, source in sorted(sources.items())]
+    failed = convert_labels(jobs, convert_label, args.workers, "labels")
+    for split, names in sets.items():
+        write_list(root / "list" / f"{split}.txt", [f"JPEGImages/{name}.jpg {OUTPUT_DIR}/{name}.png" for name in names
+                                                    if name in sources and sources[name] not in failed])
+    return len(failed), len(left_out) + len(failed)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--sbd", type=Path, help="SBD's benchmark_RELEASE/dataset folder (adds list/train_aug.txt)")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return run_preparation(argv, __doc__, "VOCdevkit/VOC2012", check_layout, prepare, add_arguments)
 
 
 if __name__ == "__main__":
