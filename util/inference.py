@@ -334,25 +334,42 @@ def load_inference_model(cfg, model_path, device: torch.device, fold_bn: bool = 
     convolutions (``fold_bn``), channels_last when ``cfg.channels_last``.
 
     The returned model is for inference only: with BatchNorm folded its state dict is no longer
-    the checkpoint's layout, so load another checkpoint by calling this function again."""
+    the checkpoint's layout, so load another checkpoint by calling this function again.
+
+    An exported file (``.onnx``, ``.torchscript``: ``util.deploy``) is loaded as a module that runs
+    it, checked against the config's classes and window size; the sliding window calls it alike."""
     from model import build_model
     from util.checkpoint import load_model_weights
+    from util.deploy import is_exported_model, load_exported_model
+
+    if is_exported_model(model_path):
+        return load_exported_model(model_path, device, cfg)
 
     model = build_model(cfg, load_pretrained=False)
     load_model_weights(model, model_path)
-    return prepare_inference_model(model, device, channels_last=bool(cfg.get("channels_last")), fold_bn=fold_bn)
+    return prepare_inference_model(model, device, channels_last=bool(cfg.get("channels_last")), fold_bn=fold_bn,
+                                   compile=bool(cfg.get("compile")))
 
 
 def prepare_inference_model(model: nn.Module, device: torch.device, channels_last: bool = True,
-                            fold_bn: bool = True) -> nn.Module:
+                            fold_bn: bool = True, compile: bool = False) -> nn.Module:
     """The fast inference form of ``model``: eval mode on ``device``, BatchNorm folded into the
     preceding convolutions (:func:`fold_batchnorm`, which returns a copy), weights channels_last
-    (oneDNN's and cuDNN's fast layout). ``model`` itself is moved to ``device`` and left in eval mode."""
+    (oneDNN's and cuDNN's fast layout). ``model`` itself is moved to ``device`` and left in eval mode.
+
+    ``compile``: wrapped in ``torch.compile`` with inductor's freezing (weights become constants, so
+    convolutions get prepacked weights and fused epilogues; inference only). The first forward of
+    each batch size compiles (tens of seconds for a ResNet-50 network on a CPU): worth it for a long
+    test, not for one image."""
     model = model.to(device).eval()
     if fold_bn:
         model = fold_batchnorm(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if compile:
+        # dynamic=False: the window batch takes two or three sizes (full and last chunk), each
+        # compiled once with static shapes, which freezing needs for its weight prepacking.
+        model = torch.compile(model, dynamic=False, options={"freezing": True})
     return model
 
 
