@@ -313,18 +313,3 @@ def test_camvid_val_transform_and_test_split(camvid_root):
     test_set = SegDataset("test", camvid_root, camvid_root / "test.txt")
     image, label = test_set[0]
     assert image.shape == (360, 480, 3) and (label == 255).all()
-
-
-def test_benchmark_data_smoke(camvid_root, repo_root):
-    """tool/benchmark_data.py end to end on CamVid with tiny crops and a short measurement."""
-    from tiny_runs import load_script
-
-    benchmark = load_script("tool/benchmark_data.py", "benchmark_data")
-    result = benchmark.run(["--config", str(repo_root / "config/camvid/camvid_resnet50_pyconvsegnet.yaml"),
-                            "--seconds", "0.05", "--max-batch", "2", "--device", "cpu",
-                            "data_root", str(camvid_root), "train_list", str(camvid_root / "train.txt"),
-                            "train_h", "33", "train_w", "33", "workers", "0"])
-    assert result["data_single_process"]["samples_per_s"] > 0 and result["data_loader"]["workers"] == 0
-    assert result["model_train"]["batch_size"] == 2 and result["model_train"]["crop"] == [33, 33]
-    assert result["ratio"] == pytest.approx(result["data_loader"]["samples_per_s"]
-                                            / result["model_train"]["samples_per_s"])

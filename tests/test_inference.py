@@ -1,13 +1,13 @@
 """Sliding-window / multi-scale inference (util/inference.py) against the release's algorithm."""
 import math
 
-import cv2
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from release_reference import release_predict
 from util.inference import (model_is_channels_last, multiscale_probs, predict_multiscale, scaled_size,
                             sliding_window_probs, window_starts, window_stride)
 
@@ -46,76 +46,6 @@ class RampModel(nn.Module):
 
 def _random_image(rng, height, width):
     return (rng.random((height, width, 3)) * 255).astype(np.float32)
-
-
-# ---------------------------------------------------------------- reference: the release, one window at a time
-def _release_net_process(model, image, mean, std, flip=True):
-    inputs = torch.from_numpy(image.transpose((2, 0, 1))).float()
-    for channel, m, s in zip(inputs, mean, std):
-        channel.sub_(m).div_(s)
-    inputs = inputs.unsqueeze(0)
-    if flip:
-        inputs = torch.cat([inputs, inputs.flip(3)], 0)
-    with torch.no_grad():
-        output = model(inputs)
-    _, _, h_i, w_i = inputs.shape
-    _, _, h_o, w_o = output.shape
-    if (h_o != h_i) or (w_o != w_i):
-        output = F.interpolate(output, (h_i, w_i), mode="bilinear", align_corners=True)
-    output = F.softmax(output, dim=1)
-    output = (output[0] + output[1].flip(2)) / 2 if flip else output[0]
-    return output.numpy().transpose(1, 2, 0)
-
-
-def _release_scale_process(model, image, classes, crop_h, crop_w, h, w, mean, std, flip=True, stride_rate=2 / 3):
-    ori_h, ori_w, _ = image.shape
-    pad_h = max(crop_h - ori_h, 0)
-    pad_w = max(crop_w - ori_w, 0)
-    pad_h_half = int(pad_h / 2)
-    pad_w_half = int(pad_w / 2)
-    if pad_h > 0 or pad_w > 0:
-        image = cv2.copyMakeBorder(image, pad_h_half, pad_h - pad_h_half, pad_w_half, pad_w - pad_w_half,
-                                   cv2.BORDER_CONSTANT, value=mean)
-    new_h, new_w, _ = image.shape
-    stride_h = int(np.ceil(crop_h * stride_rate))
-    stride_w = int(np.ceil(crop_w * stride_rate))
-    grid_h = int(np.ceil(float(new_h - crop_h) / stride_h) + 1)
-    grid_w = int(np.ceil(float(new_w - crop_w) / stride_w) + 1)
-    prediction_crop = np.zeros((new_h, new_w, classes), dtype=float)
-    count_crop = np.zeros((new_h, new_w), dtype=float)
-    for index_h in range(grid_h):
-        for index_w in range(grid_w):
-            s_h = index_h * stride_h
-            e_h = min(s_h + crop_h, new_h)
-            s_h = e_h - crop_h
-            s_w = index_w * stride_w
-            e_w = min(s_w + crop_w, new_w)
-            s_w = e_w - crop_w
-            image_crop = image[s_h:e_h, s_w:e_w].copy()
-            count_crop[s_h:e_h, s_w:e_w] += 1
-            prediction_crop[s_h:e_h, s_w:e_w, :] += _release_net_process(model, image_crop, mean, std, flip)
-    prediction_crop /= np.expand_dims(count_crop, 2)
-    prediction_crop = prediction_crop[pad_h_half:pad_h_half + ori_h, pad_w_half:pad_w_half + ori_w]
-    # cv2 (OpenCV 5) refuses many-channel maps: resize channel by channel (same arithmetic).
-    return np.stack([cv2.resize(prediction_crop[:, :, c], (w, h), interpolation=cv2.INTER_LINEAR)
-                     for c in range(classes)], axis=2)
-
-
-def _release_predict(model, image, classes, crop_h, crop_w, scales, base_size, mean, std, flip=True):
-    h, w, _ = image.shape
-    prediction = np.zeros((h, w, classes), dtype=float)
-    for scale in scales:
-        long_size = round(scale * base_size)
-        new_h = long_size
-        new_w = long_size
-        if h > w:
-            new_w = round(long_size / float(h) * w)
-        else:
-            new_h = round(long_size / float(w) * h)
-        image_scale = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-        prediction += _release_scale_process(model, image_scale, classes, crop_h, crop_w, h, w, mean, std, flip)
-    prediction /= len(scales)
-    return prediction
 
 
 # ---------------------------------------------------------------- geometry
@@ -220,7 +150,7 @@ def test_batched_equals_release_reference(height, width, scales, batch_size):
     classes, crop, base_size = 5, 33, 64
     model = TinySegNet(classes, seed=height).eval()
     image = _random_image(rng, height, width)
-    reference = _release_predict(model, image, classes, crop, crop, scales, base_size, MEAN, STD)
+    reference = release_predict(model, image, classes, crop, crop, scales, base_size, MEAN, STD)
     probs = multiscale_probs(model, image, classes, (crop, crop), scales, base_size, MEAN, STD,
                              batch_size=batch_size)
     assert probs.shape == (classes, height, width)

@@ -1,4 +1,4 @@
-"""tool/summary.py: parameter counts and GFLOP per crop, built on the meta device (no weights, fast)."""
+"""tool/analysis_tools/summary.py: parameter counts and GFLOP per crop, built on the meta device (no weights, fast)."""
 from __future__ import annotations
 
 import json
@@ -16,7 +16,7 @@ DEMO_CONFIG = REPO_ROOT / "config" / "demo" / "demo_pyconvresnet50_pyconvsegnet.
 
 @pytest.fixture(scope="module")
 def summary_tool():
-    return load_script("tool/summary.py", "summary_tool_under_test")
+    return load_script("tool/analysis_tools/summary.py", "summary_tool_under_test")
 
 
 def test_parameters_match_the_release(summary_tool, reference_dir):
