@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .measure import log
-from .setup import prepare_eval_model, training_dataset, training_parts
+from .workload import prepare_eval_model, training_dataset, training_parts
 from .training import step_options
 
 

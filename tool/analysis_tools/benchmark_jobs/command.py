@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .measure import machine_info
-from .setup import load_weights_or_warn
+from .workload import load_weights_or_warn
 
 
 def add_common_options(parser) -> None:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .measure import log, synchronize, warm_up
-from .setup import training_dataset, training_parts
+from .workload import training_dataset, training_parts
 from .training import TRAIN_WARMUP_MAX, step_options
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from .flops import forward_gflop
 from .measure import log, time_calls, utilisation
-from .setup import eval_settings, prepare_eval_model, synthetic_image
+from .workload import eval_settings, prepare_eval_model, synthetic_image
 
 
 def eval_crop_count(image_size: Tuple[int, int], crop: Tuple[int, int], scales: Sequence[float],

@@ -3,6 +3,7 @@ window size (util.deploy, as tool/deployment/export.py writes it), timed on the 
 fp32, right after the PyTorch fp32 test of the same run."""
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 import time
@@ -13,7 +14,7 @@ from torch import nn
 
 from .evaluation import predict_kwargs, time_prediction
 from .measure import log
-from .setup import eval_settings, synthetic_image
+from .workload import eval_settings, synthetic_image
 
 
 def run_onnxruntime(cfg, args, model: nn.Module, device: torch.device, section: Dict,
@@ -28,8 +29,6 @@ def run_onnxruntime(cfg, args, model: nn.Module, device: torch.device, section: 
     from model import output_size
     from util.deploy import export_metadata, export_model, load_exported_model
     from util.inference import prepare_inference_model
-
-    import copy
 
     crop, _, _ = eval_settings(cfg, args)
     network = prepare_inference_model(copy.deepcopy(model).cpu(), torch.device("cpu"), channels_last=False)

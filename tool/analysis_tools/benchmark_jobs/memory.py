@@ -7,7 +7,7 @@ from typing import Dict
 import torch
 
 from .measure import GIB, log, peak_rss_gib, run_child, synchronize
-from .setup import eval_settings, prepare_eval_model, synthetic_image
+from .workload import eval_settings, prepare_eval_model, synthetic_image
 from .evaluation import eval_crop_count
 
 MEMORY_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)

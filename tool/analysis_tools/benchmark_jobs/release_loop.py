@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .measure import log, run_child, time_calls, utilisation
-from .setup import eval_settings, load_weights_or_warn, synthetic_image
+from .workload import eval_settings, load_weights_or_warn, synthetic_image
 
 TESTS_DIR = Path(__file__).resolve().parents[3] / "tests"
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from .flops import train_step_gflop
 from .measure import log, synchronize, utilisation, warm_up
-from .setup import size_pair, training_parts
+from .workload import size_pair, training_parts
 
 TRAIN_WARMUP_MAX = 4  # untimed steps at most before the timed ones (see measure.warm_up)
 
