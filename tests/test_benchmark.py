@@ -117,7 +117,7 @@ def test_benchmark_onnxruntime_job(bench_tool, repo_root, monkeypatch, capsys, o
     pytest.importorskip("onnxruntime")
     monkeypatch.chdir(repo_root)
     argv = ["--config", CONFIG, *TINY, "--precisions", "fp32", "--onnxruntime", "--skip-train", "--skip-data",
-            *TINY_KEYS, "arch", "psp", "backbone_net", "resnet", "classes", "3"]
+            *TINY_KEYS, "arch", "psp", "backbone_net", "resnet", "classes", "3", "names_path", ""]
     assert run_cli(lambda: bench_tool.main(argv)) == 0
     result = json.loads(capsys.readouterr().out)
     ort = result["eval"]["onnxruntime_fp32"]
