@@ -20,6 +20,7 @@ from typing import Any, Dict, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from model.summary import summarize  # noqa: E402
+from util.cli import run_cli  # noqa: E402
 from util.config import parse_cli  # noqa: E402
 
 
@@ -51,4 +52,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))  # (no allocator tuning: the meta device allocates nothing)
