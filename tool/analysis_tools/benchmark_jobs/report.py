@@ -49,6 +49,8 @@ def benchmark_table(result: Dict) -> str:
         if "seconds_per_image" in ort:
             lines.append(_row(f"same test through onnxruntime ({ort['threads']} threads), s/image",
                               first(f"{ort['seconds_per_image']:.2f}")))
+            lines.append(_row("same test through onnxruntime, utilisation (of the matmul rate just before it)",
+                              first(_pct(ort["utilisation"]))))
             if "pytorch_fp32_over_onnxruntime" in ort:
                 lines.append(_row("PyTorch fp32 time / onnxruntime time (below 1: PyTorch faster)",
                                   first(f"{ort['pytorch_fp32_over_onnxruntime']:.2f}")))
