@@ -198,9 +198,12 @@ def test_train_one_epoch_and_evaluate_toy():
     criterion = engine.build_criterion(255)
     written = []
 
+    values = {}
+
     class Writer:
         def add_scalar(self, name, value, step):
             written.append((name, step))
+            values[name, step] = value
 
     loader = _toy_loader()
     stats = engine.train_one_epoch(model, loader, criterion, optimizer, scheduler, torch.device("cpu"), 0,
@@ -210,7 +213,12 @@ def test_train_one_epoch_and_evaluate_toy():
     assert scheduler.last_epoch == 3
     assert ("loss_train_batch", 3) in written and ("mIoU_train_batch", 1) in written
     assert {name for name, _ in written} == {"loss_train_batch", "mIoU_train_batch", "mAcc_train_batch",
-                                             "allAcc_train_batch"}
+                                             "allAcc_train_batch", "lr/backbone", "lr/head"}
+    # The learning rate after each step, per parameter group (the head's is 10x the backbone's).
+    assert values["lr/backbone", 1] == pytest.approx(0.01 * (1 - 1 / 6) ** 0.9)
+    assert values["lr/head", 3] == pytest.approx(10 * values["lr/backbone", 3])
+    one_group = torch.optim.SGD(model.parameters(), lr=0.5)
+    assert engine.learning_rate_scalars(one_group) == {"lr": 0.5}
 
     result = engine.evaluate(model, loader, criterion, torch.device("cpu"), 3, 255)
     model.eval()
@@ -301,18 +309,20 @@ def test_nan_loss_stops_run_and_keeps_last_checkpoint(tmp_path, monkeypatch, tra
 
 
 def test_best_miou_survives_resume_and_old_checkpoints_are_pruned(tmp_path, monkeypatch, train_tool):
-    """Validation mIoU 0.5, then (after a crash and resume) 0.3, 0.4: best_mIoU.pth stays at epoch 1."""
+    """Validation mIoU 0.5, then (after a crash and resume) 0.3, 0.4: best_mIoU.pth stays at epoch 1;
+    the end of training re-validates best_mIoU.pth (0.5) and reuses the last epoch's result (0.4)."""
     config = write_config(tmp_path, evaluate=True, epochs=3, resume="auto")
-    scores = iter([0.5, 0.3, 0.4])
+    scores = iter([0.5, 0.3, 0.4, 0.5])
 
     def fake_train(*args, **kwargs):
         return {"loss": 1.0, "main_loss": 1.0, "aux_loss": 0.0, "mIoU": 0.1, "mAcc": 0.1, "allAcc": 0.1}
 
     def fake_evaluate(*args, **kwargs):
         value = next(scores)
-        return {"loss": 1.0, "mIoU": value, "mAcc": value, "allAcc": value, "iou": [value] * 3, "acc": [value] * 3}
+        return {"mIoU": value, "mAcc": value, "allAcc": value, "iou": [value] * 3, "acc": [value] * 3,
+                "num_images": 4}
 
-    monkeypatch.setattr(engine, "evaluate", fake_evaluate)
+    monkeypatch.setattr(engine, "evaluate_images", fake_evaluate)
     monkeypatch.setattr(engine, "train_one_epoch", fake_train)
     crash_on_epoch_call(monkeypatch, crash_call=2)
     with pytest.raises(SimulatedCrash):
@@ -323,6 +333,7 @@ def test_best_miou_survives_resume_and_old_checkpoints_are_pruned(tmp_path, monk
     monkeypatch.setattr(engine, "train_one_epoch", fake_train)
     summary = train_tool.main(["--config", str(config)])
     assert summary["best_mIoU"] == 0.5
+    assert summary["end"]["final"]["mIoU"] == 0.4 and summary["end"]["best"]["mIoU"] == 0.5
     best = load(model_dir / "best_mIoU.pth")
     assert best["epoch"] == 1 and best["best_mIoU"] == 0.5  # not overwritten by the worse epochs 2 and 3
     assert load(model_dir / "train_epoch_3.pth")["best_mIoU"] == 0.5

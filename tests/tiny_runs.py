@@ -5,6 +5,7 @@ Kept apart from conftest.py, which holds fixtures only: these are plain function
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Tuple
@@ -28,6 +29,7 @@ def load_script(relative_path: str, module_name: str) -> ModuleType:
     """A script of the repository (``tool/train.py``, ...) as a module; tool/ is not a package."""
     spec = importlib.util.spec_from_file_location(module_name, REPO_ROOT / relative_path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # as an import would (dataclasses look their module up there)
     spec.loader.exec_module(module)
     return module
 
@@ -58,7 +60,8 @@ def write_tiny_config(tmp_path: Path, dataset: dict = None, **train_keys) -> Pat
     """A tiny CPU training config on a fresh ``make_dataset(**dataset)`` under ``tmp_path/data``.
 
     ResNet-50 at output stride 32 (no dilation), 3 classes, 2 epochs of 2 iterations (4 images,
-    batch 2), no evaluation; ``train_keys`` override any TRAIN key.
+    batch 2), no evaluation (when enabled: whole images at their own size, one 65x65 window each);
+    ``train_keys`` override any TRAIN key.
     """
     data_root = tmp_path / "data"
     list_path = make_dataset(data_root, **(dataset or {}))
@@ -67,7 +70,8 @@ def write_tiny_config(tmp_path: Path, dataset: dict = None, **train_keys) -> Pat
                  save_path=str(tmp_path / "model"), evaluate=False)
     train.update(train_keys)
     body = {"DATA": dict(data_root=str(data_root), train_list=str(list_path), val_list=str(list_path), classes=3),
-            "TRAIN": train, "TEST": dict(device="cpu")}
+            "TRAIN": train,
+            "TEST": dict(device="cpu", base_size=0, test_h=65, test_w=65, test_batch_size=2)}
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(body, sort_keys=False))
     return path

@@ -4,8 +4,9 @@
     torchrun --nproc_per_node=N tool/test.py --config ...      # images split across processes
 
 For every image of ``test_list`` (from ``index_start``, ``index_step`` images; 0 = to the end) it
-predicts with multi-scale flipped sliding windows (util/inference.py) and writes
-``save_folder/gray/NAME.png`` (class ids) and ``save_folder/color/NAME.png``. For split ``val`` or
+predicts with multi-scale sliding windows (util/inference.py; with their horizontal mirrors when
+``flip``, the default) and writes ``save_folder/gray/NAME.png`` (class ids) and
+``save_folder/color/NAME.png``. For split ``val`` or
 ``train`` it scores the predictions against the labels and writes ``save_folder/metrics.json``
 (mIoU, mAcc, allAcc, per-class IoU/accuracy with names; NaN as null). Split ``test`` only predicts.
 With ``has_prediction True`` the gray maps already in the save folder are scored and no model is built.
@@ -19,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -30,16 +30,14 @@ import torch  # noqa: E402
 from util.checkpoint import CheckpointError  # noqa: E402
 from util.cli import exit_with  # noqa: E402
 from util.config import ConfigError, parse_cli  # noqa: E402
-from util.dataset import DataError, ListEntry, load_image, load_label, output_names, read_list_entries  # noqa: E402
+from util.dataset import DataError, ListEntry, load_label, output_names, read_list_entries  # noqa: E402
 from util.distributed import describe_launch, detect_launcher, init_distributed, launcher_world_size  # noqa: E402
-from util.inference import inference_kwargs, load_inference_model, predict_multiscale  # noqa: E402
-from util.metrics import confusion_matrix, metrics_from_confusion, nan_to_none  # noqa: E402
-from util.misc import format_seconds, get_logger, select_device  # noqa: E402
+from util.engine import evaluate_images, whole_image_predictor  # noqa: E402
+from util.inference import inference_kwargs, load_inference_model  # noqa: E402
+from util.metrics import nan_to_none  # noqa: E402
+from util.misc import get_logger, select_device  # noqa: E402
 from util.precision import check_device_support  # noqa: E402
 from util.visualize import colorize, config_class_names, config_palette, save_gray, save_rgb  # noqa: E402
-
-LOG_EVERY = 10  # images between progress lines (as the release)
-
 
 def select_items(items: Sequence, index_start: int, index_step: int) -> list:
     """``items[index_start : index_start + index_step]`` (``index_step`` 0 = to the end), as the release."""
@@ -85,7 +83,8 @@ def check_listed_files(entries: Sequence, list_path, need_images: bool, need_lab
 
 def evaluate_run(cfg, model_path: Optional[str], save_folder: str, entries: Sequence[ListEntry],
                  names: Sequence[str], device: torch.device, rank: int, world_size: int, logger) -> Optional[dict]:
-    """Predict (or read saved predictions) for this process's share of ``entries`` and score them.
+    """Predict (or read saved predictions) for this process's share of ``entries`` and score them
+    with :func:`util.engine.evaluate_images` (the loop the training-time validation runs too).
 
     ``names[i]`` is the output file name of ``entries[i]``. Returns the metrics dict (None for an
     unlabelled split).
@@ -96,69 +95,46 @@ def evaluate_run(cfg, model_path: Optional[str], save_folder: str, entries: Sequ
     palette = config_palette(cfg)
     kwargs = inference_kwargs(cfg)
 
-    if not cfg.has_prediction:
+    if cfg.has_prediction:
+        def predict(index, entry, where):
+            gray_path = gray_folder / f"{names[index]}.png"
+            if not gray_path.is_file():
+                raise DataError(f"has_prediction is True but the prediction {gray_path} does not exist "
+                                f"(for image {entry.image_path})")
+            return load_label(gray_path)
+
+        save_prediction = None
+    else:
         # Always a fresh model: load_inference_model folds BatchNorm into the convolutions, so a
         # previous run's model no longer has the checkpoint's layout to load new weights into.
         model = load_inference_model(cfg, model_path, device)
-        logger.info(f"=> loaded weights {model_path}; scales {kwargs['scales']}, base_size {cfg.base_size}, "
-                    f"crop {kwargs['crop_size']}, {kwargs['batch_size']} windows per forward, device {device}")
+        logger.info(f"=> loaded weights {model_path}; scales {kwargs['scales']}, flip {kwargs['flip']}, "
+                    f"base_size {cfg.base_size}, crop {kwargs['crop_size']}, {kwargs['batch_size']} windows per "
+                    f"forward, device {device}")
+        predict = whole_image_predictor(model, kwargs)
 
-    my_indices = list(range(rank, len(entries), world_size))
-    total_cm = torch.zeros((cfg.classes, cfg.classes), dtype=torch.int64, device=device)
-    start = time.time()
-    for done, index in enumerate(my_indices, 1):
-        image_path, label_path, line_number = entries[index]
-        name = names[index]
-        where = f"list {cfg.test_list} line {line_number}"
-        gray_path = gray_folder / f"{name}.png"
-        if cfg.has_prediction:
-            if not gray_path.is_file():
-                raise DataError(f"has_prediction is True but the prediction {gray_path} does not exist "
-                                f"(for image {image_path})")
-            gray = load_label(gray_path)
-        else:
-            image = load_image(image_path, where=where)
-            prediction = predict_multiscale(model, image, **kwargs)
+        def save_prediction(index, entry, prediction):
             gray = prediction.to("cpu", torch.uint8).numpy()
-            save_gray(gray_path, gray)
-            save_rgb(color_folder / f"{name}.png", colorize(gray, palette))
-        if labelled:
-            label = load_label(label_path, where=where)
-            if label.shape != gray.shape:
-                raise DataError(f"{where}: label {label_path} is {label.shape[1]}x{label.shape[0]} but the "
-                                f"prediction for {image_path} is {gray.shape[1]}x{gray.shape[0]}")
-            try:
-                total_cm += confusion_matrix(torch.from_numpy(gray).to(device), torch.from_numpy(label).to(device),
-                                             cfg.classes, cfg.ignore_label)
-            except ValueError as error:
-                raise DataError(f"{where}: {label_path} / {gray_path}: {error}") from None
-        if done % LOG_EVERY == 0 or done == len(my_indices):
-            elapsed = time.time() - start
-            remaining = elapsed / done * (len(my_indices) - done)
-            logger.info(f"Test: [{done}/{len(my_indices)}] {elapsed / done:.3f} s/image, "
-                        f"elapsed {format_seconds(elapsed)}, ETA {format_seconds(remaining)}")
+            save_gray(gray_folder / f"{names[index]}.png", gray)
+            save_rgb(color_folder / f"{names[index]}.png", colorize(gray, palette))
 
-    counts = torch.tensor([len(my_indices)], dtype=torch.int64, device=device)
-    if world_size > 1:
-        from util.distributed import all_reduce_sum
-
-        all_reduce_sum(total_cm)
-        all_reduce_sum(counts)
+    metrics = evaluate_images(entries, predict, cfg.classes, device, ignore_index=cfg.ignore_label,
+                              labelled=labelled, rank=rank, world_size=world_size, list_path=cfg.test_list,
+                              on_prediction=save_prediction, logger=logger, title="Test")
     if not labelled:
         logger.info(f"<<<<<<<<<<<<<<<<< End Evaluation: predictions in {save_folder} <<<<<<<<<<<<<<<<<")
         return None
 
-    metrics = metrics_from_confusion(total_cm)
     if rank == 0:
         class_names = config_class_names(cfg)
         logger.info(f"Eval result: mIoU/mAcc/allAcc {metrics['mIoU']:.4f}/{metrics['mAcc']:.4f}/"
                     f"{metrics['allAcc']:.4f}.")
         for class_id, (iou, acc, class_name) in enumerate(zip(metrics["iou"], metrics["acc"], class_names)):
             logger.info(f"Class_{class_id} result: iou/accuracy {iou:.4f}/{acc:.4f}, name: {class_name}.")
-        record = dict(metrics)
+        record = {key: value for key, value in metrics.items() if key not in ("confusion_matrix", "num_images")}
         record.update(
             names=class_names,
-            num_images=int(counts.item()),
+            num_images=metrics["num_images"],
             split=cfg.split,
             test_list=str(cfg.test_list),
             model_path=None if cfg.has_prediction else str(model_path),
@@ -166,9 +142,9 @@ def evaluate_run(cfg, model_path: Optional[str], save_folder: str, entries: Sequ
             scales=kwargs["scales"],
             base_size=cfg.base_size,
             crop_size=list(kwargs["crop_size"]),
-            flip=True,
+            flip=kwargs["flip"],
             precision=cfg.get("precision", "fp32"),
-            confusion_matrix=total_cm.cpu().tolist(),
+            confusion_matrix=metrics["confusion_matrix"].cpu().tolist(),
         )
         Path(save_folder).mkdir(parents=True, exist_ok=True)
         metrics_path = Path(save_folder) / "metrics.json"

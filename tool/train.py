@@ -23,11 +23,13 @@ import argparse
 import math
 import os
 import random
+import shlex
 import sys
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -37,10 +39,12 @@ import torch  # noqa: E402
 from util import distributed as dist_utils  # noqa: E402
 from util import engine  # noqa: E402  (engine.train_one_epoch is looked up at call time: tests patch it)
 from util.checkpoint import (BEST_CHECKPOINT, check_training_checkpoint, checkpoint_path,  # noqa: E402
-                              find_resume_checkpoint, make_checkpoint, prune_checkpoints, save_training_checkpoint)
+                              find_resume_checkpoint, list_epoch_checkpoints, make_checkpoint, prune_checkpoints,
+                              save_training_checkpoint)
 from util.cli import exit_with  # noqa: E402
 from util.config import ConfigError, load_cfg  # noqa: E402
 from util.misc import format_seconds, get_logger, set_seed  # noqa: E402
+from util.optim import set_schedule_position  # noqa: E402
 from util.precision import autocast_dtype_for, check_device_support  # noqa: E402
 from util.preparation import missing_list_hint  # noqa: E402
 
@@ -126,7 +130,20 @@ def choose_run_seed(cfg, logger) -> int:
 # Data
 
 
-def build_loaders(cfg, ctx, seed: int):
+@dataclass
+class TrainingData:
+    """The run's data: the training set, its sampler and loader, and what validation reads
+    (a crop loader for ``val_mode crop``, the list entries for ``val_mode whole``)."""
+
+    train_set: Any
+    train_sampler: Any
+    train_loader: Any
+    batch_size: int  # per process per step
+    val_loader: Any = None
+    val_entries: Optional[List[Any]] = None
+
+
+def build_loaders(cfg, ctx, seed: int) -> TrainingData:
     from torch.utils.data import DataLoader, DistributedSampler
 
     from util.dataset import SegDataset
@@ -151,16 +168,319 @@ def build_loaders(cfg, ctx, seed: int):
     if len(train_loader) == 0:
         raise ConfigError(f"train_list {cfg.train_list} has {len(train_set)} images: fewer than one batch "
                           f"({batch_size} per process x {world} processes); lower batch_size")
+    data = TrainingData(train_set, train_sampler, train_loader, batch_size)
+    if not cfg.evaluate:
+        return data
 
-    val_loader = None
-    if cfg.evaluate:
-        val_batch = max(1, cfg.batch_size_val // world)
+    if cfg.val_mode == "whole":
+        # Validation reads the whole images itself (as tool/test.py); the dataset only checks the list.
+        val_set = SegDataset("val", cfg.data_root, cfg.val_list, num_classes=cfg.classes,
+                             ignore_label=cfg.ignore_label)
+        entries = val_set.entries
+        data.val_entries = [entries[i] for i in engine.evenly_spaced_subset(len(entries), cfg.val_max_images)]
+    else:
         val_set = SegDataset("val", cfg.data_root, cfg.val_list, transform=build_val_transform(cfg),
                              num_classes=cfg.classes, ignore_label=cfg.ignore_label)
+        if cfg.val_max_images:
+            val_set = torch.utils.data.Subset(val_set, engine.evenly_spaced_subset(len(val_set), cfg.val_max_images))
         val_sampler = dist_utils.ShardSampler(len(val_set), num_replicas=world, rank=ctx.rank)
-        val_loader = DataLoader(val_set, batch_size=val_batch, sampler=val_sampler, num_workers=workers,
-                                pin_memory=pin, drop_last=False)
-    return train_set, train_sampler, train_loader, val_loader, batch_size
+        data.val_loader = DataLoader(val_set, batch_size=max(1, cfg.batch_size_val // world), sampler=val_sampler,
+                                     num_workers=workers, pin_memory=pin, drop_last=False)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, optimisation, resume
+
+
+@dataclass
+class Optimization:
+    criterion: Any
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    amp_dtype: Optional[torch.dtype]
+
+
+def build_training_model(cfg, ctx, has_checkpoint: bool, logger):
+    """The model on ``ctx.device``: ImageNet backbone (``pretrained``) or whole ``weight`` file
+    (not when resuming: the checkpoint's weights come later), SyncBatchNorm when distributed on CUDA."""
+    from model import build_model
+    from util.checkpoint import load_model_weights
+
+    model = build_model(cfg, load_pretrained=True)
+    if cfg.pretrained:
+        logger.info(f"backbone initialised from {cfg.pretrained}")
+    if cfg.weight and not has_checkpoint:
+        load_model_weights(model, cfg.weight)
+        logger.info(f"weights initialised from {cfg.weight}")
+    elif cfg.weight:
+        logger.info(f"weight {cfg.weight} not used: resuming from a checkpoint instead")
+    if cfg.sync_bn and ctx.distributed:
+        if ctx.device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif ctx.is_main:
+            logger.warning("sync_bn: SyncBatchNorm needs CUDA; on the CPU each process normalises over its own batch")
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(ctx.device, memory_format=memory_format)
+    logger.info(f"{cfg.arch} on {cfg.backbone_net}{cfg.layers}: "
+                f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    return model
+
+
+def build_optimization(cfg, ctx, model, max_iter: int) -> Optimization:
+    from util.optim import build_optimizer, build_poly_scheduler
+
+    optimizer = build_optimizer(model, cfg.base_lr, cfg.momentum, cfg.weight_decay)
+    return Optimization(criterion=engine.build_criterion(cfg.ignore_label), optimizer=optimizer,
+                        scheduler=build_poly_scheduler(optimizer, max_iter, cfg.power),
+                        scaler=torch.amp.GradScaler(ctx.device.type) if cfg.precision == "fp16" else None,
+                        amp_dtype=autocast_dtype_for(cfg.precision))
+
+
+def validation_protocol(cfg) -> str:
+    """What the validation mIoU measures, in words (logged, and saved with the best score: scores
+    of different protocols are not compared)."""
+    images = f"{cfg.val_max_images} evenly spaced images" if cfg.val_max_images else "all images"
+    if cfg.val_mode == "crop":
+        return f"centre {cfg.train_h}x{cfg.train_w} crop of {images} of val_list"
+    return (f"whole images ({images} of val_list), tool/test.py's sliding window: scales {list(cfg.val_scales)}, "
+            f"flip {bool(cfg.val_flip)}, base_size {cfg.base_size}, window {cfg.test_h}x{cfg.test_w}")
+
+
+def restore_training_state(cfg, checkpoint, resume_path: str, model, optim: Optimization, logger) -> Tuple[int, float]:
+    """Load a training checkpoint into the model, optimiser, scheduler and scaler; returns
+    ``(epochs done, best validation mIoU)``."""
+    from util.checkpoint import CheckpointError, load_model_weights
+
+    load_model_weights(model, checkpoint, source=resume_path)
+    try:
+        optim.optimizer.load_state_dict(checkpoint["optimizer"])
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(
+            f"{resume_path}: its optimizer state does not fit this run's parameter groups ({exc}); "
+            f"to start a new run from its weights use 'weight {resume_path}' instead of resume") from None
+    if checkpoint.get("scheduler") is not None:
+        optim.scheduler.load_state_dict(checkpoint["scheduler"])
+    if optim.scaler is not None and checkpoint.get("scaler") is not None:
+        optim.scaler.load_state_dict(checkpoint["scaler"])
+    start_epoch = int(checkpoint["epoch"])
+    best_miou = float(checkpoint.get("best_mIoU", 0.0))
+    saved_protocol = checkpoint.get("val_protocol")
+    if cfg.evaluate and best_miou > 0 and saved_protocol not in (None, validation_protocol(cfg)):
+        logger.info(f"the saved best mIoU {best_miou:.4f} was measured on {saved_protocol}; this run validates "
+                    f"on {validation_protocol(cfg)}: its first validation replaces best_mIoU.pth")
+        best_miou = 0.0
+    best_text = f", best mIoU {best_miou:.4f}" if best_miou > 0 else ""
+    logger.info(f"resumed from {resume_path}: {start_epoch} epoch(s) done{best_text}")
+    if cfg.resume == "auto":
+        # A run killed between writing train_epoch_N.pth and pruning the older ones (or resumed
+        # with a smaller keep_checkpoints) leaves extra files: apply the policy now, since a run
+        # resumed at its last epoch writes nothing more. The newest file, just loaded, is kept.
+        prune_checkpoints(cfg.save_path, cfg.keep_checkpoints)
+    return start_epoch, best_miou
+
+
+def wrap_model(cfg, ctx, model):
+    """The module the training step calls: DDP when distributed, torch.compile when ``compile``."""
+    train_model = model
+    if ctx.distributed:
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    return train_model
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+PREVIEW_IMAGES = 3  # validation images shown in TensorBoard (image | ground truth | prediction)
+
+
+def should_validate(cfg, epoch_log: int) -> bool:
+    """Validate after epochs ``val_every``, ``2 * val_every``, ... and after the last one."""
+    return bool(cfg.evaluate) and (epoch_log % cfg.val_every == 0 or epoch_log == cfg.epochs)
+
+
+def validate_whole_images(cfg, ctx, model, entries, logger, title: str, writer=None, step: Optional[int] = None):
+    """tool/test.py's protocol on ``entries`` (``val_scales``, ``val_flip``; the TEST section's
+    base_size, window and test_batch_size), images split across processes, confusion matrices summed.
+
+    ``model`` (the plain module, not DDP) is scored through the same BatchNorm-folded copy that
+    tool/test.py builds from a checkpoint, so both give the same confusion matrix. With a
+    ``writer`` (rank 0), a few fixed images of this process's share go to TensorBoard as
+    image | ground truth | prediction, coloured with the dataset palette.
+    """
+    from util.inference import inference_kwargs, prepare_inference_model
+
+    was_training = model.training
+    eval_model = prepare_inference_model(model, ctx.device, channels_last=bool(cfg.channels_last))
+    kwargs = inference_kwargs(cfg, scales=[float(s) for s in cfg.val_scales], flip=bool(cfg.val_flip))
+    my_share = list(range(ctx.rank, len(entries), ctx.world_size))
+    previews = {my_share[i]: None for i in engine.evenly_spaced_subset(len(my_share), PREVIEW_IMAGES)} \
+        if writer is not None else {}
+
+    def keep_preview(index, entry, prediction):
+        if index in previews:
+            previews[index] = prediction.to("cpu", torch.uint8).numpy()
+
+    try:
+        stats = engine.evaluate_images(entries, engine.whole_image_predictor(eval_model, kwargs), cfg.classes,
+                                       ctx.device, ignore_index=cfg.ignore_label, rank=ctx.rank,
+                                       world_size=ctx.world_size, list_path=cfg.val_list,
+                                       on_prediction=keep_preview, logger=logger, title=title)
+    finally:
+        del eval_model
+        model.train(was_training)
+    if writer is not None:
+        write_previews(cfg, writer, entries, previews, step)
+    return stats
+
+
+def write_previews(cfg, writer, entries, previews: Dict[int, Any], step: int) -> None:
+    """TensorBoard images ``val_preview/NAME``: the image, its ground truth and the prediction side by side."""
+    from util.dataset import load_image, load_label
+    from util.visualize import colorize, config_palette
+
+    palette = config_palette(cfg)
+    for index, prediction in previews.items():
+        if prediction is None:  # not predicted (an evaluation stopped early, or a test's stand-in)
+            continue
+        entry = entries[index]
+        image = load_image(entry.image_path).astype(np.uint8)
+        truth = colorize(load_label(entry.label_path), palette)
+        panel = np.concatenate([image, truth, colorize(prediction, palette)], axis=1)
+        writer.add_image(f"val_preview/{Path(entry.image_path).stem}", panel, step, dataformats="HWC")
+
+
+def validate(cfg, ctx, model, data: TrainingData, optim: Optimization, epoch_log: int, logger, writer):
+    """The per-epoch validation of ``val_mode`` (whole images or centre crops); logs and writes
+    ``{loss,mIoU,mAcc,allAcc}_val`` (loss in crop mode only) at ``epoch_log``."""
+    title = f"Val epoch [{epoch_log}/{cfg.epochs}]"
+    if cfg.val_mode == "whole":
+        stats = validate_whole_images(cfg, ctx, model, data.val_entries, logger, title, writer, epoch_log)
+    else:
+        stats = engine.evaluate(model, data.val_loader, optim.criterion, ctx.device, cfg.classes, cfg.ignore_label,
+                                amp_dtype=optim.amp_dtype, channels_last=cfg.channels_last, logger=logger)
+    loss_text = f"loss {stats['loss']:.4f} " if "loss" in stats else ""
+    logger.info(f"Val result at epoch [{epoch_log}/{cfg.epochs}] ({validation_protocol(cfg)}): {loss_text}"
+                f"mIoU/mAcc/allAcc {stats['mIoU']:.4f}/{stats['mAcc']:.4f}/{stats['allAcc']:.4f}")
+    if writer is not None:
+        for name in ("loss", "mIoU", "mAcc", "allAcc"):
+            if name in stats:
+                writer.add_scalar(f"{name}_val", stats[name], epoch_log)
+    return stats
+
+
+def report_final_and_best(cfg, ctx, model, data: TrainingData, last_whole: Optional[Dict], logger) -> Dict[str, Any]:
+    """Whole-image validation (the validation's protocol, whatever ``val_mode`` is) of the final
+    model and of ``best_mIoU.pth``, logged at the end of training; reuses a result already measured."""
+    from util.checkpoint import load_checkpoint_file, load_model_weights
+
+    if not cfg.evaluate:
+        return {}
+    if data.val_entries is None:  # val_mode crop: the whole-image list was not needed until now
+        from util.dataset import SegDataset
+
+        entries = SegDataset("val", cfg.data_root, cfg.val_list).entries
+        data.val_entries = [entries[i] for i in engine.evenly_spaced_subset(len(entries), cfg.val_max_images)]
+    whole_cfg = type(cfg)(cfg, val_mode="whole")
+    protocol = validation_protocol(whole_cfg)
+    results: Dict[str, Any] = {}
+    results["final"] = last_whole or validate_whole_images(cfg, ctx, model, data.val_entries, logger,
+                                                           "Val final model")
+    best_path = os.path.join(cfg.save_path, BEST_CHECKPOINT)
+    best_epoch = dist_utils.broadcast_object(
+        int(load_checkpoint_file(best_path)["epoch"]) if ctx.is_main and os.path.isfile(best_path) else None)
+    if best_epoch == cfg.epochs and last_whole is not None:
+        results["best"] = results["final"]
+    elif best_epoch is not None:
+        from model import build_model
+
+        best_model = build_model(cfg, load_pretrained=False)
+        load_model_weights(best_model, best_path)  # every process reads save_path (one machine or a shared disk)
+        results["best"] = validate_whole_images(cfg, ctx, best_model.to(ctx.device), data.val_entries, logger,
+                                                "Val best_mIoU.pth")
+        del best_model
+    for name, label in (("final", f"final model (epoch {cfg.epochs})"),
+                        ("best", f"{best_path} (epoch {best_epoch})")):
+        if name in results:
+            stats = results[name]
+            logger.info(f"Whole-image validation of the {label} on {protocol}: mIoU/mAcc/allAcc "
+                        f"{stats['mIoU']:.4f}/{stats['mAcc']:.4f}/{stats['allAcc']:.4f}")
+    return {name: {key: stats[key] for key in ("mIoU", "mAcc", "allAcc", "num_images")}
+            for name, stats in results.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoints(cfg, ctx, epoch_log: int, model, optim: Optimization, best_miou: float, improved: bool,
+                     logger) -> None:
+    """``train_epoch_N.pth`` every ``save_freq`` epochs and after the last; ``best_mIoU.pth`` when improved."""
+    if not ctx.is_main:
+        return
+    checkpoint = None
+
+    def build():
+        made = make_checkpoint(epoch_log, model, optim.optimizer, optim.scheduler, optim.scaler, best_miou, cfg)
+        made["val_protocol"] = validation_protocol(cfg) if cfg.evaluate else None
+        return made
+
+    if epoch_log % cfg.save_freq == 0 or epoch_log == cfg.epochs:
+        checkpoint = build()
+        path = checkpoint_path(cfg.save_path, epoch_log)
+        save_training_checkpoint(checkpoint, path)
+        prune_checkpoints(cfg.save_path, cfg.keep_checkpoints)
+        logger.info(f"saved {path}")
+    if improved:
+        path = os.path.join(cfg.save_path, BEST_CHECKPOINT)
+        save_training_checkpoint(checkpoint if checkpoint is not None else build(), path)
+        logger.info(f"new best validation mIoU {best_miou:.4f}: saved {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping: where a run stopped and how to continue it
+
+
+@dataclass
+class RunStatus:
+    """Where the run is (updated as it goes), so that a stop can say where it stopped, which
+    checkpoint is the newest and the command that resumes."""
+
+    save_path: str
+    config_path: str
+    opts: List[str] = field(default_factory=list)
+    is_main: bool = True
+    world_size: int = 1
+    epoch: Optional[int] = None  # 1-based epoch being trained or validated
+    epochs: Optional[int] = None
+    stage: str = "setting up"  # "training", "validating", "saving checkpoints", "final validation"
+
+    def where(self) -> str:
+        if self.epoch is None:
+            return f"while {self.stage}"
+        return f"while {self.stage} epoch {self.epoch}/{self.epochs}"
+
+    def resume_command(self) -> str:
+        opts = list(self.opts)
+        kept = []
+        for key, value in zip(opts[0::2], opts[1::2]):
+            if key.lstrip("-") != "resume":
+                kept += [key, value]
+        launcher = ["python"] if self.world_size == 1 else ["torchrun", f"--nproc_per_node={self.world_size}"]
+        script = os.path.relpath(os.path.abspath(__file__))  # as typed from this directory
+        return shlex.join(launcher + [script, "--config", self.config_path, *kept, "resume", "auto"])
+
+    def stopped_message(self, reason: str = "interrupted") -> str:
+        found = list_epoch_checkpoints(self.save_path)
+        newest = f"newest checkpoint {found[-1][1]}" if found else f"no checkpoint in {self.save_path} yet"
+        return f"{reason} {self.where()}; {newest}; resume with: {self.resume_command()}"
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,16 +491,54 @@ def _log_config(cfg, logger) -> None:
     logger.info("Config:\n" + "\n".join(f"  {key}: {cfg[key]!r}" for key in sorted(cfg.keys())))
 
 
-def run(cfg, spawn_index: Optional[int] = None) -> Optional[Dict[str, Any]]:
+def run(cfg, spawn_index: Optional[int] = None, status: Optional[RunStatus] = None) -> Optional[Dict[str, Any]]:
     """One process's share of the run: join the process group, train, leave it."""
     ctx = dist_utils.init_distributed(cfg, spawn_index)
+    if status is not None:
+        status.is_main, status.world_size = ctx.is_main, ctx.world_size
     try:
-        return _train(cfg, ctx)
+        return _train(cfg, ctx, status or RunStatus(cfg.save_path, ""))
     finally:
         dist_utils.cleanup()
 
 
-def _train(cfg, ctx) -> Dict[str, Any]:
+def load_resume_checkpoint(cfg, ctx, logger):
+    """``(checkpoint, path)`` to resume from (``(None, None)`` for a fresh run); stale partial writes removed."""
+    from util.checkpoint import load_checkpoint_file, remove_stale_temporaries
+
+    if ctx.is_main:
+        for stale in remove_stale_temporaries(cfg.save_path):
+            logger.info(f"removed {stale}: the partial write of a checkpoint by an interrupted run")
+    resume_path = dist_utils.broadcast_object(_resume_path(cfg, logger) if ctx.is_main else None)
+    if resume_path is None:
+        return None, None
+    checkpoint = load_checkpoint_file(resume_path)
+    check_training_checkpoint(checkpoint, resume_path)
+    return checkpoint, resume_path
+
+
+def train_epoch(cfg, ctx, train_model, data: TrainingData, optim: Optimization, epoch: int, seed: int, logger,
+                writer) -> Dict[str, float]:
+    """One epoch (0-based ``epoch``) with its seeds and data order set for exact resume; logs the result."""
+    set_seed(epoch_seed(seed, epoch, ctx.rank))
+    data.train_sampler.set_epoch(epoch)
+    data.train_set.set_epoch(epoch)
+    epoch_start = time.time()
+    stats = engine.train_one_epoch(
+        train_model, data.train_loader, optim.criterion, optim.optimizer, optim.scheduler, ctx.device, epoch,
+        max_epochs=cfg.epochs, aux_weight=cfg.aux_weight, num_classes=cfg.classes, ignore_index=cfg.ignore_label,
+        scaler=optim.scaler, amp_dtype=optim.amp_dtype, channels_last=cfg.channels_last, print_freq=cfg.print_freq,
+        logger=logger, writer=writer)
+    logger.info(f"Train result at epoch [{epoch + 1}/{cfg.epochs}]: loss {stats['loss']:.4f} "
+                f"mIoU/mAcc/allAcc {stats['mIoU']:.4f}/{stats['mAcc']:.4f}/{stats['allAcc']:.4f} "
+                f"({format_seconds(time.time() - epoch_start)})")
+    if writer is not None:
+        for name in ("loss", "mIoU", "mAcc", "allAcc"):
+            writer.add_scalar(f"{name}_train", stats[name], epoch + 1)
+    return stats
+
+
+def _train(cfg, ctx, status: RunStatus) -> Dict[str, Any]:
     logger = get_logger(rank=ctx.rank)
     logger.info(dist_utils.describe_launch(ctx))
     if ctx.is_main:
@@ -191,90 +549,33 @@ def _train(cfg, ctx) -> Dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    from util.checkpoint import load_checkpoint_file, remove_stale_temporaries
-
-    if ctx.is_main:
-        for stale in remove_stale_temporaries(cfg.save_path):
-            logger.info(f"removed {stale}: the partial write of a checkpoint by an interrupted run")
     # The checkpoint is read first: a run without manual_seed continues with the seed it started with.
-    resume_path = dist_utils.broadcast_object(_resume_path(cfg, logger) if ctx.is_main else None)
-    checkpoint = load_checkpoint_file(resume_path) if resume_path is not None else None
-    if checkpoint is not None:
-        check_training_checkpoint(checkpoint, resume_path)
+    checkpoint, resume_path = load_resume_checkpoint(cfg, ctx, logger)
     if checkpoint is not None and cfg.manual_seed is None:
         cfg.manual_seed = (checkpoint.get("cfg") or {}).get("manual_seed")
-    seed = choose_run_seed(cfg, logger)
-    cfg.manual_seed = seed  # saved with the checkpoints
+    seed = cfg.manual_seed = choose_run_seed(cfg, logger)  # saved with the checkpoints
     set_seed(seed)  # same initial head weights on every process (DDP also broadcasts rank 0's)
 
     # Data first: list problems surface before the (slow) model build.
-    train_set, train_sampler, train_loader, val_loader, batch_size = build_loaders(cfg, ctx, seed)
-    iters_per_epoch = len(train_loader)
+    data = build_loaders(cfg, ctx, seed)
+    iters_per_epoch = len(data.train_loader)
     max_iter = cfg.epochs * iters_per_epoch
-    logger.info(f"{len(train_set)} training images, {batch_size} per process per step, "
+    logger.info(f"{len(data.train_set)} training images, {data.batch_size} per process per step, "
                 f"{iters_per_epoch} iterations per epoch, {max_iter} in total")
+    if cfg.evaluate:
+        logger.info(f"validation every {cfg.val_every} epoch(s) on {validation_protocol(cfg)}")
 
-    from model import build_model
-    from util.checkpoint import CheckpointError, load_model_weights
-    from util.optim import build_optimizer, build_poly_scheduler, set_schedule_position
-
-    model = build_model(cfg, load_pretrained=True)
-    if cfg.pretrained:
-        logger.info(f"backbone initialised from {cfg.pretrained}")
-    if cfg.weight and checkpoint is None:
-        load_model_weights(model, cfg.weight)
-        logger.info(f"weights initialised from {cfg.weight}")
-    elif cfg.weight:
-        logger.info(f"weight {cfg.weight} not used: resuming from {resume_path} instead")
-    if cfg.sync_bn and ctx.distributed:
-        if ctx.device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif ctx.is_main:
-            logger.warning("sync_bn: SyncBatchNorm needs CUDA; on the CPU each process normalises over its own batch")
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(ctx.device, memory_format=memory_format)
-    logger.info(f"{cfg.arch} on {cfg.backbone_net}{cfg.layers}: "
-                f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-
-    criterion = engine.build_criterion(cfg.ignore_label)
-    optimizer = build_optimizer(model, cfg.base_lr, cfg.momentum, cfg.weight_decay)
-    scheduler = build_poly_scheduler(optimizer, max_iter, cfg.power)
-    scaler = torch.amp.GradScaler(ctx.device.type) if cfg.precision == "fp16" else None
-    amp_dtype = autocast_dtype_for(cfg.precision)
-
+    model = build_training_model(cfg, ctx, checkpoint is not None, logger)
+    optim = build_optimization(cfg, ctx, model, max_iter)
     start_epoch, best_miou = cfg.start_epoch, 0.0
     if checkpoint is not None:
-        load_model_weights(model, checkpoint, source=resume_path)
-        try:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-        except (KeyError, ValueError) as exc:
-            raise CheckpointError(
-                f"{resume_path}: its optimizer state does not fit this run's parameter groups ({exc}); "
-                f"to start a new run from its weights use 'weight {resume_path}' instead of resume") from None
-        if checkpoint.get("scheduler") is not None:
-            scheduler.load_state_dict(checkpoint["scheduler"])
-        if scaler is not None and checkpoint.get("scaler") is not None:
-            scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch = int(checkpoint["epoch"])
-        best_miou = float(checkpoint.get("best_mIoU", 0.0))
-        logger.info(f"resumed from {resume_path}: {start_epoch} epoch(s) done, best mIoU {best_miou:.4f}")
+        start_epoch, best_miou = restore_training_state(cfg, checkpoint, resume_path, model, optim, logger)
         del checkpoint
-        if ctx.is_main and cfg.resume == "auto":
-            # A run killed between writing train_epoch_N.pth and pruning the older ones (or resumed
-            # with a smaller keep_checkpoints) leaves extra files: apply the policy now, since a run
-            # resumed at its last epoch writes nothing more. The newest file, just loaded, is kept.
-            prune_checkpoints(cfg.save_path, cfg.keep_checkpoints)
     if start_epoch >= cfg.epochs:
         logger.info(f"nothing to do: {start_epoch} epochs already done of {cfg.epochs}")
     # Also right for a run whose length (epochs, batch size, processes) changed since the checkpoint.
-    set_schedule_position(scheduler, start_epoch * iters_per_epoch, max_iter)
-
-    train_model = model
-    if ctx.distributed:
-        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
+    set_schedule_position(optim.scheduler, start_epoch * iters_per_epoch, max_iter)
+    train_model = wrap_model(cfg, ctx, model)
 
     writer = None
     if ctx.is_main:
@@ -283,64 +584,31 @@ def _train(cfg, ctx) -> Dict[str, Any]:
         writer = SummaryWriter(cfg.save_path)
     train_stats: Dict[str, float] = {}
     val_stats: Optional[Dict[str, Any]] = None
+    last_whole = None  # the whole-image result of the newest model, if measured
+    status.epochs = cfg.epochs
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            epoch_log = epoch + 1
-            set_seed(epoch_seed(seed, epoch, ctx.rank))
-            train_sampler.set_epoch(epoch)
-            train_set.set_epoch(epoch)
-            epoch_start = time.time()
-            train_stats = engine.train_one_epoch(
-                train_model, train_loader, criterion, optimizer, scheduler, ctx.device, epoch,
-                max_epochs=cfg.epochs, aux_weight=cfg.aux_weight, num_classes=cfg.classes,
-                ignore_index=cfg.ignore_label, scaler=scaler, amp_dtype=amp_dtype,
-                channels_last=cfg.channels_last, print_freq=cfg.print_freq, logger=logger, writer=writer)
-            logger.info(f"Train result at epoch [{epoch_log}/{cfg.epochs}]: loss {train_stats['loss']:.4f} "
-                        f"mIoU/mAcc/allAcc {train_stats['mIoU']:.4f}/{train_stats['mAcc']:.4f}/"
-                        f"{train_stats['allAcc']:.4f} ({format_seconds(time.time() - epoch_start)})")
-            if writer is not None:
-                for name in ("loss", "mIoU", "mAcc", "allAcc"):
-                    writer.add_scalar(f"{name}_train", train_stats[name], epoch_log)
-
-            improved = False
-            if val_loader is not None:
-                val_stats = engine.evaluate(model, val_loader, criterion, ctx.device, cfg.classes,
-                                            cfg.ignore_label, amp_dtype=amp_dtype,
-                                            channels_last=cfg.channels_last, logger=logger)
-                logger.info(
-                    f"Val result at epoch [{epoch_log}/{cfg.epochs}] (center {cfg.train_h}x{cfg.train_w} crop of each "
-                    f"image: a crop-level score, NOT the whole-image score of tool/test.py): loss "
-                    f"{val_stats['loss']:.4f} mIoU/mAcc/allAcc {val_stats['mIoU']:.4f}/{val_stats['mAcc']:.4f}/"
-                    f"{val_stats['allAcc']:.4f}")
-                if writer is not None:
-                    for name in ("loss", "mIoU", "mAcc", "allAcc"):
-                        writer.add_scalar(f"{name}_val", val_stats[name], epoch_log)
-                if val_stats["mIoU"] > best_miou:  # NaN never counts as an improvement
-                    best_miou = float(val_stats["mIoU"])
-                    improved = True
-
-            if ctx.is_main:
-                checkpoint = None
-                if epoch_log % cfg.save_freq == 0 or epoch_log == cfg.epochs:
-                    checkpoint = make_checkpoint(epoch_log, model, optimizer, scheduler, scaler, best_miou, cfg)
-                    path = checkpoint_path(cfg.save_path, epoch_log)
-                    save_training_checkpoint(checkpoint, path)
-                    prune_checkpoints(cfg.save_path, cfg.keep_checkpoints)
-                    logger.info(f"saved {path}")
-                if improved:
-                    if checkpoint is None:
-                        checkpoint = make_checkpoint(epoch_log, model, optimizer, scheduler, scaler, best_miou, cfg)
-                    path = os.path.join(cfg.save_path, BEST_CHECKPOINT)
-                    save_training_checkpoint(checkpoint, path)
-                    logger.info(f"new best validation mIoU {best_miou:.4f}: saved {path}")
-                del checkpoint
+            status.epoch, status.stage = epoch + 1, "training"
+            train_stats = train_epoch(cfg, ctx, train_model, data, optim, epoch, seed, logger, writer)
+            improved, last_whole = False, None
+            if should_validate(cfg, epoch + 1):
+                status.stage = "validating after"
+                val_stats = validate(cfg, ctx, model, data, optim, epoch + 1, logger, writer)
+                last_whole = val_stats if cfg.val_mode == "whole" else None
+                improved = val_stats["mIoU"] > best_miou  # NaN never counts as an improvement
+                best_miou = float(val_stats["mIoU"]) if improved else best_miou
+            status.stage = "saving checkpoints after"
+            save_checkpoints(cfg, ctx, epoch + 1, model, optim, best_miou, improved, logger)
+        dist_utils.barrier()  # best_mIoU.pth is written before anyone reads it
+        status.epoch, status.stage = None, "validating the final and the best model"
+        end_results = report_final_and_best(cfg, ctx, model, data, last_whole, logger)
     finally:
         if writer is not None:
             writer.close()
     dist_utils.barrier()  # no process leaves (and tears down the group) while rank 0 still writes
     logger.info("training finished")
     return {"epochs": cfg.epochs, "best_mIoU": best_miou, "train": train_stats, "val": val_stats,
-            "save_path": cfg.save_path}
+            "end": end_results, "save_path": cfg.save_path}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,7 +618,7 @@ def _train(cfg, ctx) -> Dict[str, Any]:
 def _spawned_process(spawn_index: int, config_path: str, opts: List[str]) -> None:
     """Body of each process in the release's spawn mode (runs in a fresh interpreter)."""
     cfg = load_cfg(config_path, opts)
-    run(cfg, spawn_index=spawn_index)
+    run(cfg, spawn_index=spawn_index, status=RunStatus(cfg.save_path, config_path, list(opts)))
 
 
 def launch_spawned(cfg, config_path: str, opts: List[str]) -> None:
@@ -367,15 +635,22 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
     """Parse ``--config CFG [KEY VALUE ...]``, check the run, train. Returns rank's summary (None in spawn mode).
 
     Raises ConfigError (bad config, fp16 on CPU, save_path not writable, ...) before any model or
-    data is built; NonFiniteLossError if the loss diverges.
+    data is built; NonFiniteLossError if the loss diverges. Ctrl-C prints one line (where it stopped,
+    the newest checkpoint, the command that resumes) and returns EXIT_INTERRUPTED.
     """
     args = build_arg_parser().parse_args(argv)
     cfg = load_cfg(args.config, args.opts)
     check_run_config(cfg)
-    if dist_utils.should_spawn(cfg):
-        launch_spawned(cfg, args.config, args.opts)
-        return None
-    return run(cfg)
+    status = RunStatus(cfg.save_path, args.config, list(args.opts))
+    try:
+        if dist_utils.should_spawn(cfg):
+            launch_spawned(cfg, args.config, args.opts)
+            return None
+        return run(cfg, status=status)
+    except KeyboardInterrupt:
+        if status.is_main:
+            print(status.stopped_message(), file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

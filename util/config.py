@@ -120,7 +120,7 @@ SCHEMA: Dict[str, Dict[str, Any]] = {
 ALL_DEFAULTS: Dict[str, Any] = {k: v for section in SCHEMA.values() for k, v in section.items()}
 
 # Modules of this repository that declare keys with register_keys (imported before any config is read).
-KEY_MODULES = ("util.precision", "util.optim", "util.transforms")
+KEY_MODULES = ("util.precision", "util.optim", "util.transforms", "util.inference", "util.engine")
 
 SPLITS = ("train", "val", "test")
 

@@ -262,6 +262,11 @@ class SegDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def entries(self) -> list[ListEntry]:
+        """The parsed list (resolved paths, list line numbers); every listed file exists."""
+        return list(self._entries)
+
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch used in the per-sample augmentation seed."""
         self.epoch = int(epoch)

@@ -1,23 +1,54 @@
-"""One training epoch and one evaluation pass, written against objects, not a global ``args``.
+"""One training epoch and the evaluation passes, written against objects, not a global ``args``.
 
-Both functions accumulate a confusion matrix on the device and sum it (and
-the loss) over all processes, so every rank returns the same global numbers.
+* :func:`train_one_epoch`: one pass over the training loader.
+* :func:`evaluate_images`: the test protocol, image by image (whole images, sliding windows of
+  util/inference.py): ``tool/test.py`` and the training-time validation (``val_mode whole``) both
+  run this loop, so they produce the same confusion matrix for the same model, images and settings.
+* :func:`evaluate`: the release's quick crop-level validation (``val_mode crop``) over a loader.
+
+Each accumulates a confusion matrix on the device and sums it (and the loss) over all processes,
+so every rank returns the same global numbers.
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
-from typing import Dict, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from util.config import check_choice, register_keys, require
 from util.distributed import all_reduce_sum, get_rank
 from util.metrics import confusion_matrix, metrics_from_confusion
 from util.misc import AverageMeter, format_seconds
 from util.precision import autocast
+
+VAL_LOG_EVERY = 10  # images (or batches) between validation progress lines
+VAL_MODES = ("whole", "crop")
+
+
+def _check_validation_keys(cfg) -> None:
+    check_choice(cfg, "val_mode", VAL_MODES)
+    require(isinstance(cfg.val_scales, list) and len(cfg.val_scales) > 0 and all(s > 0 for s in cfg.val_scales),
+            f"val_scales must be a non-empty list of positive numbers, got {cfg.val_scales}")
+    require(isinstance(cfg.val_every, int) and cfg.val_every >= 1, f"val_every must be an integer >= 1, got {cfg.val_every}")
+    require(isinstance(cfg.val_max_images, int) and cfg.val_max_images >= 0,
+            f"val_max_images must be an integer >= 0 (0 = every image of val_list), got {cfg.val_max_images}")
+
+
+# The training-time validation (tool/train.py, when ``evaluate``): "whole" = evaluate_images, tool/test.py's
+# protocol, on whole val images (the TEST section's base_size, test_h/test_w, test_batch_size, with these
+# scales and flip); "crop" = evaluate, the release's centre train_h x train_w crop.
+register_keys("TRAIN", {
+    "val_mode": "whole",
+    "val_scales": [1.0],
+    "val_flip": False,
+    "val_every": 1,  # epochs between validations (the last epoch is always validated)
+    "val_max_images": 0,  # 0 = all of val_list, else this many evenly spaced images (a fixed subset)
+}, check=_check_validation_keys)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -82,6 +113,32 @@ def _to_device(image: torch.Tensor, target: torch.Tensor, device: torch.device, 
 
 def _current_lrs(optimizer: torch.optim.Optimizer) -> str:
     return "/".join(f"{g['lr']:.6g}" for g in optimizer.param_groups)
+
+
+def learning_rate_scalars(optimizer: torch.optim.Optimizer) -> Dict[str, float]:
+    """TensorBoard tags and values of the current learning rate: ``lr`` when all parameter groups
+    share it, else ``lr/NAME`` per group (``lr/backbone``, ``lr/head``: the head's 10x group)."""
+    groups = optimizer.param_groups
+    if len({g["lr"] for g in groups}) == 1:
+        return {"lr": float(groups[0]["lr"])}
+    return {f"lr/{g.get('name', index)}": float(g["lr"]) for index, g in enumerate(groups)}
+
+
+class ProgressLine:
+    """``[done/total] s/item, elapsed, ETA`` lines every ``every`` items (and after the last one)."""
+
+    def __init__(self, title: str, total: int, logger: Optional[logging.Logger], every: int = VAL_LOG_EVERY,
+                 unit: str = "image") -> None:
+        self.title, self.total, self.logger, self.every, self.unit = title, total, logger, every, unit
+        self.start = time.time()
+
+    def update(self, done: int) -> None:
+        if self.logger is None or not (done % self.every == 0 or done == self.total):
+            return
+        elapsed = time.time() - self.start
+        remaining = elapsed / done * (self.total - done)
+        self.logger.info(f"{self.title}: [{done}/{self.total}] {elapsed / done:.3f} s/{self.unit}, "
+                         f"elapsed {format_seconds(elapsed)}, ETA {format_seconds(remaining)}")
 
 
 def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
@@ -190,6 +247,8 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
                 f"MainLoss {main_meter.val:.4f} AuxLoss {aux_meter.val:.4f} Loss {loss_meter.val:.4f} "
                 f"Accuracy {batch_metrics['allAcc']:.4f} lr {_current_lrs(optimizer)}")
         if is_main and writer is not None:
+            for tag, value in learning_rate_scalars(optimizer).items():
+                writer.add_scalar(tag, value, current_iter)
             writer.add_scalar("loss_train_batch", main_meter.val, current_iter)
             writer.add_scalar("mIoU_train_batch", batch_metrics["mIoU"], current_iter)
             writer.add_scalar("mAcc_train_batch", batch_metrics["mAcc"], current_iter)
@@ -227,8 +286,9 @@ def evaluate(model: nn.Module, loader, criterion: nn.Module, device: torch.devic
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     loss_sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss*n, n
     start = time.time()
+    progress = ProgressLine("Val (crops)", len(loader), logger, unit="batch")
     with torch.inference_mode():
-        for image, target in loader:
+        for done, (image, target) in enumerate(loader, 1):
             image, target = _to_device(image, target, device, channels_last)
             with autocast(device.type, amp_dtype):
                 logits = model(image)
@@ -240,6 +300,7 @@ def evaluate(model: nn.Module, loader, criterion: nn.Module, device: torch.devic
             loss_sums[0] += loss.double() * n
             loss_sums[1] += n
             cm += confusion_matrix(logits.argmax(1), target, num_classes, ignore_index)
+            progress.update(done)
     all_reduce_sum(cm)
     all_reduce_sum(loss_sums)
     model.train(was_training)
@@ -249,3 +310,88 @@ def evaluate(model: nn.Module, loader, criterion: nn.Module, device: torch.devic
     if logger is not None:
         logger.info(f"Evaluated {int(sums[1].item())} images in {format_seconds(time.time() - start)}")
     return result
+
+
+# A prediction function for evaluate_images: (index into entries, the entry, "list L line N") ->
+# the (H, W) class map of that image (torch tensor or numpy array).
+Predictor = Callable[[int, "ListEntry", str], object]
+
+
+def whole_image_predictor(model: nn.Module, inference_kwargs: dict) -> Predictor:
+    """The test protocol's prediction: the image read from disk, then
+    :func:`util.inference.predict_multiscale` (multi-scale, optionally flipped sliding windows) with
+    ``inference_kwargs`` (see :func:`util.inference.inference_kwargs`). ``model`` in eval mode."""
+    from util.dataset import load_image
+    from util.inference import predict_multiscale
+
+    def predict(index, entry, where):
+        return predict_multiscale(model, load_image(entry.image_path, where=where), **inference_kwargs)
+
+    return predict
+
+
+def evaluate_images(entries: Sequence, predict: Predictor, num_classes: int, device: torch.device, *,
+                    ignore_index: int = 255, labelled: bool = True, rank: int = 0, world_size: int = 1,
+                    list_path=None, on_prediction: Optional[Callable] = None,
+                    logger: Optional[logging.Logger] = None, title: str = "Test") -> Optional[Dict]:
+    """Predict this process's share of ``entries`` (``rank, rank + world_size, ...``: every image
+    exactly once over all processes) one whole image at a time and score the predictions.
+
+    Args:
+        entries: :class:`util.dataset.ListEntry` items (image path, label path, list line number).
+        predict: ``predict(index, entry, where) -> (H, W) class map`` (tensor or numpy), e.g.
+            :func:`whole_image_predictor`, or a reader of saved predictions.
+        labelled: score against ``entry.label_path`` (False for an unlabelled test split).
+        on_prediction: called as ``on_prediction(index, entry, prediction)`` after each image
+            (tool/test.py saves the maps there; training keeps a few for TensorBoard).
+        list_path: named in error messages with the entry's line number.
+        logger: progress lines with count and ETA (``title: [done/total] ...``).
+
+    Returns:
+        None when not ``labelled``, else ``metrics_from_confusion`` of the confusion matrix summed
+        over all processes plus ``confusion_matrix`` (int64 tensor, on ``device``) and
+        ``num_images``; identical on every rank.
+
+    Raises:
+        DataError: a label that does not match its prediction's size or holds invalid class ids.
+    """
+    from util.dataset import DataError, load_label
+
+    my_indices = list(range(rank, len(entries), world_size))
+    total_cm = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
+    progress = ProgressLine(title, len(my_indices), logger)
+    for done, index in enumerate(my_indices, 1):
+        entry = entries[index]
+        where = f"list {list_path} line {entry.line_number}"
+        prediction = predict(index, entry, where)
+        if on_prediction is not None:
+            on_prediction(index, entry, prediction)
+        if labelled:
+            label = load_label(entry.label_path, where=where)
+            if tuple(label.shape) != tuple(prediction.shape):
+                raise DataError(f"{where}: label {entry.label_path} is {label.shape[1]}x{label.shape[0]} but the "
+                                f"prediction for {entry.image_path} is {prediction.shape[1]}x{prediction.shape[0]}")
+            try:
+                total_cm += confusion_matrix(torch.as_tensor(prediction).to(device),
+                                             torch.from_numpy(label).to(device), num_classes, ignore_index)
+            except ValueError as error:
+                raise DataError(f"{where}: {entry.label_path}: {error}") from None
+        progress.update(done)
+    count = torch.tensor([len(my_indices)], dtype=torch.int64, device=device)
+    if world_size > 1:
+        all_reduce_sum(total_cm)
+        all_reduce_sum(count)
+    if not labelled:
+        return None
+    return {**metrics_from_confusion(total_cm), "confusion_matrix": total_cm, "num_images": int(count.item())}
+
+
+def evenly_spaced_subset(length: int, max_items: int) -> List[int]:
+    """``max_items`` indices spread evenly over ``range(length)`` (first and last included; all of
+    them when ``max_items`` is 0 or >= ``length``): a fixed, reproducible subset that samples every
+    part of a list, e.g. every sequence of a video dataset, not only its first frames."""
+    if not max_items or max_items >= length:
+        return list(range(length))
+    if max_items == 1:
+        return [0]
+    return sorted({round(i * (length - 1) / (max_items - 1)) for i in range(max_items)})

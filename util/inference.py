@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from util.config import register_keys
 from util.precision import autocast, autocast_dtype_for
 
 SizeLike = Union[int, Sequence[int]]
@@ -317,14 +318,23 @@ def predict_multiscale(model: nn.Module, image: ImageLike, num_classes: int, cro
 
 
 # ---------------------------------------------------------------- config glue shared by tool/test.py and tool/demo.py
-def inference_kwargs(cfg) -> dict:
-    """Keyword arguments of :func:`predict_multiscale` from a config (TEST keys, ``classes``,
-    ``precision``; mean/std from util.transforms)."""
+# Also predict the horizontal mirror of every window (the release's behaviour); the other TEST keys are shared.
+register_keys("TEST", {"flip": True})
+
+
+def inference_kwargs(cfg, **overrides) -> dict:
+    """Keyword arguments of :func:`predict_multiscale` from a config (TEST keys: ``scales``, ``flip``,
+    ``base_size``, ``test_h``/``test_w``, ``test_batch_size``; ``classes``, ``precision``; mean/std from
+    util.transforms). The training-time validation passes its own ``scales=cfg.val_scales,
+    flip=cfg.val_flip``."""
     from util.transforms import MEAN, STD
 
-    return dict(num_classes=int(cfg.classes), crop_size=(int(cfg.test_h), int(cfg.test_w)),
-                scales=[float(s) for s in cfg.scales], base_size=cfg.base_size, mean=list(MEAN), std=list(STD),
-                batch_size=int(cfg.test_batch_size), autocast_dtype=autocast_dtype_for(cfg.get("precision")))
+    kwargs = dict(num_classes=int(cfg.classes), crop_size=(int(cfg.test_h), int(cfg.test_w)),
+                  scales=[float(s) for s in cfg.scales], base_size=cfg.base_size, mean=list(MEAN), std=list(STD),
+                  batch_size=int(cfg.test_batch_size), flip=bool(cfg.get("flip", True)),
+                  autocast_dtype=autocast_dtype_for(cfg.get("precision")))
+    kwargs.update(overrides)
+    return kwargs
 
 
 def load_inference_model(cfg, model_path, device: torch.device, fold_bn: bool = True) -> nn.Module:

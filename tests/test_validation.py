@@ -1,0 +1,182 @@
+"""Training-time validation (tool/train.py, util/engine.py): the test protocol of tool/test.py on whole
+images, split across processes, bounded by val_every / val_max_images; Ctrl-C. CPU, tiny."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny_runs import load_script, write_tiny_config
+from util import engine
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def train_tool():
+    return load_script("tool/train.py", "train_tool_validation")
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+
+
+def test_evenly_spaced_subset_is_fixed_and_spread():
+    assert engine.evenly_spaced_subset(101, 5) == [0, 25, 50, 75, 100]
+    assert engine.evenly_spaced_subset(10, 0) == list(range(10))
+    assert engine.evenly_spaced_subset(3, 7) == [0, 1, 2]
+    assert engine.evenly_spaced_subset(10, 1) == [0]
+    assert len(engine.evenly_spaced_subset(10, 9)) == 9
+
+
+def test_whole_image_validation_equals_test_tool(tmp_path, train_tool, one_thread):
+    """The confusion matrix of the training-time validation (whole images, two scales, flip) is the
+    one tool/test.py computes from the saved checkpoint with the same settings, entry for entry."""
+    config = write_tiny_config(tmp_path, evaluate=True, epochs=1, val_mode="whole", val_scales=[1.0, 0.75],
+                               val_flip=True)
+    summary = train_tool.main(["--config", str(config)])
+    during_training = summary["val"]["confusion_matrix"].tolist()
+    assert summary["val"]["num_images"] == 4 and sum(map(sum, during_training)) > 0
+    # Epoch 1 is both the final and the best model: both end-of-training results are that validation's.
+    assert summary["end"]["final"]["mIoU"] == summary["end"]["best"]["mIoU"] == summary["val"]["mIoU"]
+
+    test_tool = load_script("tool/test.py", "test_tool_validation")
+    data = tmp_path / "data"
+    save_folder = tmp_path / "result"
+    status = test_tool.main(["--config", str(config), "test_list", str(data / "list.txt"),
+                             "model_path", str(tmp_path / "model" / "train_epoch_1.pth"),
+                             "save_folder", str(save_folder), "scales", "[1.0, 0.75]", "flip", "True",
+                             "best_mIoU_model_path", ""])
+    assert status == 0
+    metrics = json.loads((save_folder / "metrics.json").read_text())
+    assert metrics["flip"] is True and metrics["scales"] == [1.0, 0.75]
+    assert metrics["confusion_matrix"] == during_training
+    assert metrics["mIoU"] == summary["val"]["mIoU"]
+
+    # Without flip tool/test.py predicts differently (one forward per window): the key is honoured.
+    status = test_tool.main(["--config", str(config), "test_list", str(data / "list.txt"),
+                             "model_path", str(tmp_path / "model" / "train_epoch_1.pth"),
+                             "save_folder", str(tmp_path / "noflip"), "flip", "False", "best_mIoU_model_path", ""])
+    assert status == 0 and json.loads((tmp_path / "noflip" / "metrics.json").read_text())["flip"] is False
+
+
+VALIDATE_SCRIPT = """
+import json, sys
+sys.path[:0] = [{tests!r}, {repo!r}]
+import torch
+from tiny_runs import load_script
+from util import distributed as dist_utils
+from util.config import load_cfg
+from util.dataset import SegDataset
+from util.misc import get_logger
+from model import build_model
+from util.checkpoint import load_model_weights
+
+train = load_script("tool/train.py", "train_tool")
+cfg = load_cfg({config!r}, ["val_scales", "[1.0, 0.75]", "val_flip", "True"])
+ctx = dist_utils.init_distributed(cfg)
+model = build_model(cfg, load_pretrained=False)
+load_model_weights(model, {checkpoint!r})
+model = model.to(memory_format=torch.channels_last)
+entries = SegDataset("val", cfg.data_root, cfg.val_list).entries
+stats = train.validate_whole_images(cfg, ctx, model, entries, get_logger(rank=ctx.rank), "Val")
+if ctx.is_main:
+    with open({out!r} + f".{{ctx.world_size}}.json", "w") as f:
+        json.dump({{"cm": stats["confusion_matrix"].tolist(), "n": stats["num_images"]}}, f)
+dist_utils.cleanup()
+"""
+
+
+def test_two_processes_validate_like_one(tmp_path):
+    """validate_whole_images in 2 Gloo processes (each takes every other image) sums to the same
+    confusion matrix as one process."""
+    pytest.importorskip("torch.distributed.run")
+    config = write_tiny_config(tmp_path, evaluate=True, epochs=1, val_flip=True)
+    result = subprocess.run([sys.executable, "tool/train.py", "--config", str(config)], cwd=REPO_ROOT, env=_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    script = tmp_path / "validate.py"
+    out = str(tmp_path / "cm")
+    script.write_text(VALIDATE_SCRIPT.format(tests=str(REPO_ROOT / "tests"), repo=str(REPO_ROOT), config=str(config), out=out,
+                                             checkpoint=str(tmp_path / "model" / "train_epoch_1.pth")))
+    for launcher in ([sys.executable], [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                        "--nproc_per_node=2"]):
+        result = subprocess.run([*launcher, str(script)], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stdout + result.stderr
+    one = json.loads(Path(out + ".1.json").read_text())
+    two = json.loads(Path(out + ".2.json").read_text())
+    assert one["n"] == two["n"] == 4
+    assert one["cm"] == two["cm"] and sum(map(sum, one["cm"])) > 0
+    assert "Val: [2/2]" in result.stdout  # rank 0's share: 2 of the 4 images, with progress
+
+
+def test_val_every_2_validates_at_epochs_2_and_4_and_the_last(tmp_path, monkeypatch, train_tool):
+    config = write_tiny_config(tmp_path, evaluate=True, epochs=5, val_every=2)
+    titles = []
+
+    def fake_train(*args, **kwargs):
+        return {"loss": 1.0, "main_loss": 1.0, "aux_loss": 0.0, "mIoU": 0.1, "mAcc": 0.1, "allAcc": 0.1}
+
+    def fake_evaluate(*args, title, **kwargs):
+        titles.append(title)
+        value = 0.1 * len(titles)
+        return {"mIoU": value, "mAcc": value, "allAcc": value, "num_images": 4}
+
+    monkeypatch.setattr(engine, "train_one_epoch", fake_train)
+    monkeypatch.setattr(engine, "evaluate_images", fake_evaluate)
+    summary = train_tool.main(["--config", str(config)])
+    # The last epoch (5) is always validated; it is also the best, so the end reuses its result.
+    assert titles == ["Val epoch [2/5]", "Val epoch [4/5]", "Val epoch [5/5]"]
+    assert summary["best_mIoU"] == pytest.approx(0.3)
+    assert torch.load(tmp_path / "model" / "best_mIoU.pth", weights_only=True)["epoch"] == 5
+
+
+def test_crop_mode_and_a_subset(tmp_path, monkeypatch, train_tool):
+    """val_mode crop scores centre crops of val_max_images images; the end of training still reports
+    the whole-image result of the final and the best model."""
+    config = write_tiny_config(tmp_path, evaluate=True, epochs=1, val_mode="crop", val_max_images=2)
+    monkeypatch.setattr(engine, "train_one_epoch", lambda *a, **k: {
+        "loss": 1.0, "main_loss": 1.0, "aux_loss": 0.0, "mIoU": 0.1, "mAcc": 0.1, "allAcc": 0.1})
+    summary = train_tool.main(["--config", str(config)])
+    assert "loss" in summary["val"] and 0.0 <= summary["val"]["mIoU"] <= 1.0
+    assert summary["end"]["final"]["num_images"] == 2  # whole images, the same fixed subset
+    assert summary["end"]["best"]["mIoU"] == summary["end"]["final"]["mIoU"]
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
+    """SIGINT during training: no traceback, one line with where it stopped, the newest checkpoint
+    and the command that resumes; exit status 130. The printed command then finishes the run."""
+    config = write_tiny_config(tmp_path, epochs=3, print_freq=1)
+    process = subprocess.Popen([sys.executable, "-u", "tool/train.py", "--config", str(config)], cwd=REPO_ROOT,
+                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in process.stdout:  # wait until epoch 2 trains (train_epoch_1.pth exists)
+        lines.append(line)
+        if "Epoch: [2/3][1/2]" in line:
+            process.send_signal(signal.SIGINT)
+            break
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, "".join(lines) + stdout + stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    message = stderr.strip()
+    assert message.startswith("interrupted while training epoch 2/3;"), message
+    assert f"newest checkpoint {tmp_path / 'model' / 'train_epoch_1.pth'}" in message
+    command = message.split("resume with: ", 1)[1]
+    assert command.endswith("resume auto") and str(config) in command
+
+    import shlex
+
+    argv = shlex.split(command)
+    assert argv[0] == "python"
+    result = subprocess.run([sys.executable, *argv[1:]], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resumed from" in result.stdout and (tmp_path / "model" / "train_epoch_3.pth").is_file()
