@@ -39,6 +39,7 @@ from util.misc import get_logger, select_device  # noqa: E402
 from util.precision import check_device_support  # noqa: E402
 from util.visualize import colorize, config_class_names, config_palette, save_gray, save_rgb  # noqa: E402
 
+
 def select_items(items: Sequence, index_start: int, index_step: int) -> list:
     """``items[index_start : index_start + index_step]`` (``index_step`` 0 = to the end), as the release."""
     end = len(items) if not index_step else min(index_start + index_step, len(items))
