@@ -1,7 +1,7 @@
 """Draw real predictions beside the ground truth: a PNG grid of image | ground truth | prediction.
 
     python figure/make_predictions.py --config config/demo/demo_pyconvresnet50_pyconvsegnet.yaml \
-        [--model PATH] [--list LIST] [--num 4] [--start 0] [--tile-height 128] \
+        [--model PATH] [--list LIST] [--num 4] [--start 0 | --spread] [--tile-height 128] \
         [--output figure/predictions_demo.png] [KEY VALUE ...]
 
 Predictions use the config's test-time settings (``scales``, ``base_size``, ``test_h``/``test_w``,
@@ -68,6 +68,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.add_argument("--list", help="list file of images and labels (default: the config's test_list)")
         parser.add_argument("--num", type=int, default=4, help="number of images (rows), default 4")
         parser.add_argument("--start", type=int, default=0, help="first list entry to draw, default 0")
+        parser.add_argument("--spread", action="store_true",
+                            help="--num entries evenly spaced over the whole list (first and last included) "
+                                 "instead of consecutive ones from --start: frames from every part of a video set")
         parser.add_argument("--tile-height", type=int, default=128, help="height of each tile in pixels, default 128")
         parser.add_argument("--output", default="figure/predictions_demo.png", help="PNG to write")
 
@@ -82,7 +85,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     list_path = args.list or cfg.test_list
     if not model_path or not list_path:
         raise ConfigError("need --model (or model_path in the config) and --list (or test_list)")
-    entries = read_list(list_path, cfg.data_root, "val")[args.start:args.start + args.num]
+    entries = read_list(list_path, cfg.data_root, "val")
+    if args.spread:
+        from util.engine import evenly_spaced_subset
+
+        entries = [entries[i] for i in evenly_spaced_subset(len(entries), args.num)]
+    else:
+        entries = entries[args.start:args.start + args.num]
     if not entries:
         raise ConfigError(f"no images in {list_path} from index {args.start}")
     device = select_device(cfg.device)
