@@ -33,3 +33,34 @@ def test_figure_is_valid_svg_with_key_labels(tmp_path):
 
 def test_figure_is_deterministic(tmp_path):
     assert _run(tmp_path / "a.svg") == _run(tmp_path / "b.svg")
+
+
+def test_validation_curve_from_tensorboard_events(tmp_path):
+    """figure/make_validation_curve.py reads the scalars tool/train.py writes (two event files, as a
+    resumed run leaves: the later one wins for a repeated step) and draws a PNG."""
+    import pytest
+
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("matplotlib")
+    import os
+
+    from tensorboardX import SummaryWriter
+
+    from tiny_runs import load_script
+
+    for run, values in enumerate(({1: 0.1, 2: 0.05}, {2: 0.2, 4: 0.3})):
+        writer = SummaryWriter(str(tmp_path), filename_suffix=f".{run}")
+        for epoch, value in values.items():
+            writer.add_scalar("mIoU_val", value, epoch)
+            writer.add_scalar("loss_train", 1.0 / epoch, epoch)
+            writer.add_scalar("lr/head", 0.1 / epoch, epoch * 10)
+            writer.add_scalar("loss_train_batch", 1.0, epoch * 10)
+        writer.close()
+        for path in tmp_path.glob(f"events.out.tfevents.*.{run}"):
+            os.utime(path, (run + 1, run + 1))  # the script reads the oldest file first, by mtime
+    script = load_script("figure/make_validation_curve.py", "make_validation_curve")
+    scalars = script.read_scalars(str(tmp_path))
+    assert scalars["mIoU_val"] == pytest.approx({1: 0.1, 2: 0.2, 4: 0.3})
+    output = tmp_path / "curve.png"
+    assert script.main(["--events", str(tmp_path), "--output", str(output)]) == 0
+    assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
