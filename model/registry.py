@@ -1,5 +1,8 @@
 """Name -> builder registries for backbones and segmentation architectures.
 
+(The same :class:`Registry` holds the losses of util/losses.py, the LR schedules of util/optim.py
+and the training transforms of util/transforms.py.)
+
 A YAML selects a backbone with ``backbone_net`` and an architecture with ``arch``; both names are
 looked up here. Adding one is a new module inside ``model/`` (imported automatically by
 ``model/__init__.py``) with a single decorator:
@@ -18,7 +21,7 @@ The registries are filled once, at import time, and only read afterwards.
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Dict, List, TypeVar
+from typing import Callable, Dict, List, Tuple, TypeVar
 
 T = TypeVar("T", bound=Callable)
 
@@ -63,6 +66,10 @@ class Registry:
 
     def names(self) -> List[str]:
         return sorted(self._entries)
+
+    def items(self) -> List[Tuple[str, Callable]]:
+        """``(name, builder)`` pairs in registration order (e.g. the steps of a pipeline)."""
+        return list(self._entries.items())
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

@@ -18,9 +18,11 @@ from torch import nn
 from model import build_model
 from model.registry import ARCHITECTURES, BACKBONES, register_arch, register_backbone
 from model.segmentation import SegmentationModel, auxiliary_classifier
+from tiny_runs import make_cfg
 from util import engine
 from util.config import load_cfg
-from util.optim import build_optimizer, build_poly_scheduler
+from util.losses import build_criterion
+from util.optim import build_optimizer, build_scheduler
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,9 +118,9 @@ def train_one_step_like_train_py(model: nn.Module, classes: int):
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     optimizer = build_optimizer(model, base_lr=0.01, momentum=0.9, weight_decay=1e-4)
     loader = synthetic_batches(classes)
-    scheduler = build_poly_scheduler(optimizer, max_iter=len(loader), power=0.9)
-    stats = engine.train_one_epoch(model, loader, engine.build_criterion(255), optimizer, scheduler,
-                                   torch.device("cpu"), 0, aux_weight=0.4, num_classes=classes,
+    scheduler = build_scheduler(optimizer, make_cfg(), iters_per_epoch=len(loader), epochs=1)
+    stats = engine.train_one_epoch(model, loader, build_criterion(make_cfg()), optimizer, scheduler,
+                                   torch.device("cpu"), 0, num_classes=classes,
                                    channels_last=False)
     changed = [name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])]
     return stats, changed, before
@@ -194,12 +196,12 @@ def test_duplicate_name_is_refused(clean_registries):
 
 
 def _readme_example_code() -> str:
-    """The Python block of README.md's 'Adding a backbone or head' section (the example file)."""
+    """The Python block of README.md's 'A backbone or head' section (the example file)."""
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Adding a backbone or head", 1)
+    section = readme.split("### A backbone or head", 1)
     if len(section) != 2:
-        pytest.skip("README.md has no 'Adding a backbone or head' section")
-    blocks = re.findall(r"```python\n(.*?)```", section[1].split("\n## ", 1)[0], flags=re.S)
+        pytest.skip("README.md has no 'A backbone or head' section")
+    blocks = re.findall(r"```python\n(.*?)```", re.split(r"\n##+ ", section[1], 1)[0], flags=re.S)
     assert blocks, "the README section has no python example"
     return blocks[0]
 

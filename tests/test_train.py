@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tiny_runs import load_script, write_tiny_config
+from tiny_runs import load_script, make_cfg, write_tiny_config
 from util import engine
 from util.config import ConfigError
-from util.optim import PolyDecay, build_optimizer, build_param_groups, build_poly_scheduler, set_schedule_position
+from util.losses import LOSSES, SegmentationCrossEntropy, build_criterion, match_target_size, register_loss
+from util.optim import PolyDecay, build_optimizer, build_param_groups, build_scheduler
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,7 +106,7 @@ def test_poly_schedule_after_each_iteration_keeps_ratio():
     model = ToySegModel()
     optimizer = build_optimizer(model, base_lr=0.01, momentum=0.9, weight_decay=1e-4)
     assert optimizer.defaults["momentum"] == 0.9 and optimizer.defaults["weight_decay"] == 1e-4
-    scheduler = build_poly_scheduler(optimizer, max_iter=10, power=0.9)
+    scheduler = build_scheduler(optimizer, make_cfg(power=0.9), iters_per_epoch=10, epochs=1)
     assert [g["lr"] for g in optimizer.param_groups] == [0.01, pytest.approx(0.1)]  # iteration 1 at base lr
     for it in range(1, 6):
         optimizer.step()
@@ -116,11 +117,11 @@ def test_poly_schedule_after_each_iteration_keeps_ratio():
 
     # state round trip, then a longer run re-positions the schedule
     fresh_opt = build_optimizer(ToySegModel(), base_lr=0.01, momentum=0.9, weight_decay=1e-4)
-    fresh = build_poly_scheduler(fresh_opt, max_iter=10, power=0.9)
+    fresh = build_scheduler(fresh_opt, make_cfg(power=0.9), iters_per_epoch=5, epochs=2)
     fresh_opt.load_state_dict(optimizer.state_dict())
     fresh.load_state_dict(scheduler.state_dict())
     assert fresh.last_epoch == 5 and fresh.lr_lambdas[0].max_iter == 10
-    set_schedule_position(fresh, 5, 20)
+    fresh.reposition(5, 20)
     assert fresh_opt.param_groups[0]["lr"] == pytest.approx(0.01 * (1 - 5 / 20) ** 0.9)
     assert fresh.get_last_lr()[1] == pytest.approx(0.1 * (1 - 5 / 20) ** 0.9)
     assert PolyDecay(10, 0.9)(12) == 0.0  # never negative past the end
@@ -165,16 +166,16 @@ def test_fp16_skipped_first_step_leaves_momentum_clean():
 
 
 def test_criterion_and_target_resizing():
-    criterion = engine.build_criterion(255)
+    criterion = build_criterion(make_cfg(ignore_label=255))
     logits = torch.randn(2, 3, 5, 5)
     target = torch.randint(0, 3, (2, 5, 5))
     target[0, 0] = 255
     assert torch.allclose(criterion(logits, target), F.cross_entropy(logits, target, ignore_index=255))
     assert criterion(logits, torch.full((2, 5, 5), 255)).item() == 0.0  # all void: 0, not NaN
     label = torch.arange(17 * 17).reshape(1, 17, 17)
-    small = engine.match_target_size(label, (5, 5))  # zoom 2 of a 17x17 input: every 4th pixel
+    small = match_target_size(label, (5, 5))  # zoom 2 of a 17x17 input: every 4th pixel
     assert torch.equal(small, label[:, ::4, ::4])
-    assert engine.match_target_size(label, (17, 17)) is label
+    assert match_target_size(label, (17, 17)) is label
 
 
 def _toy_loader(n_batches=3, classes=3, seed=0, nan_at=None):
@@ -194,8 +195,8 @@ def test_train_one_epoch_and_evaluate_toy():
     torch.manual_seed(0)
     model = ToySegModel()
     optimizer = build_optimizer(model, 0.01, 0.9, 1e-4)
-    scheduler = build_poly_scheduler(optimizer, 6, 0.9)
-    criterion = engine.build_criterion(255)
+    scheduler = build_scheduler(optimizer, make_cfg(), 6, epochs=1)
+    criterion = build_criterion(make_cfg(aux_weight=0.4))
     written = []
 
     values = {}
@@ -207,7 +208,7 @@ def test_train_one_epoch_and_evaluate_toy():
 
     loader = _toy_loader()
     stats = engine.train_one_epoch(model, loader, criterion, optimizer, scheduler, torch.device("cpu"), 0,
-                                   max_epochs=2, aux_weight=0.4, num_classes=3, print_freq=1, writer=Writer())
+                                   max_epochs=2, num_classes=3, print_freq=1, writer=Writer())
     assert set(stats) >= {"loss", "mIoU", "mAcc", "allAcc"} and np.isfinite(stats["loss"])
     assert stats["loss"] == pytest.approx(stats["main_loss"] + 0.4 * stats["aux_loss"])
     assert scheduler.last_epoch == 3
@@ -231,8 +232,8 @@ def test_train_one_epoch_and_evaluate_toy():
 def test_bf16_autocast_on_cpu():
     model = ToySegModel()
     optimizer = build_optimizer(model, 0.01, 0.9, 1e-4)
-    scheduler = build_poly_scheduler(optimizer, 3, 0.9)
-    criterion = engine.build_criterion(255)
+    scheduler = build_scheduler(optimizer, make_cfg(), 3, epochs=1)
+    criterion = build_criterion(make_cfg())
     stats = engine.train_one_epoch(model, _toy_loader(), criterion, optimizer, scheduler, torch.device("cpu"), 0,
                                    num_classes=3, amp_dtype=torch.bfloat16)
     assert np.isfinite(stats["loss"]) and model.layer0.weight.dtype == torch.float32
@@ -243,9 +244,9 @@ def test_bf16_autocast_on_cpu():
 def test_nan_loss_names_epoch_and_iteration():
     model = ToySegModel()
     optimizer = build_optimizer(model, 0.01, 0.9, 1e-4)
-    scheduler = build_poly_scheduler(optimizer, 6, 0.9)
+    scheduler = build_scheduler(optimizer, make_cfg(), 6, epochs=1)
     with pytest.raises(engine.NonFiniteLossError, match=r"epoch 2, iteration 2/3"):
-        engine.train_one_epoch(model, _toy_loader(nan_at=1), engine.build_criterion(255), optimizer, scheduler,
+        engine.train_one_epoch(model, _toy_loader(nan_at=1), build_criterion(make_cfg()), optimizer, scheduler,
                                torch.device("cpu"), 1, max_epochs=2, num_classes=3)
 
 
@@ -292,15 +293,18 @@ def test_nan_loss_stops_run_and_keeps_last_checkpoint(tmp_path, monkeypatch, tra
     config = write_config(tmp_path)
     calls = []
 
-    class Diverging(engine.SegmentationCrossEntropy):
+    class Diverging(SegmentationCrossEntropy):
         def forward(self, logits, target):
             calls.append(1)
             loss = super().forward(logits, target)
             return loss * float("nan") if len(calls) > 4 else loss  # epoch 1 (2 iterations x 2 losses) is fine
 
-    monkeypatch.setattr(engine, "build_criterion", lambda ignore_index=255: Diverging(ignore_index))
-    with pytest.raises(engine.NonFiniteLossError) as error:
-        train_tool.main(["--config", str(config)])
+    register_loss("test_diverging")(lambda cfg: Diverging(cfg.ignore_label))
+    try:
+        with pytest.raises(engine.NonFiniteLossError) as error:
+            train_tool.main(["--config", str(config), "loss", "test_diverging"])
+    finally:
+        LOSSES.unregister("test_diverging")
     message = str(error.value)
     assert "epoch 2" in message and "iteration 1/2" in message and "last saved checkpoint" in message
     saved = sorted(os.listdir(tmp_path / "model"))

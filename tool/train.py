@@ -44,7 +44,6 @@ from util.checkpoint import (BEST_CHECKPOINT, check_training_checkpoint, checkpo
 from util.cli import exit_with  # noqa: E402
 from util.config import ConfigError, load_cfg  # noqa: E402
 from util.misc import format_seconds, get_logger, set_seed  # noqa: E402
-from util.optim import set_schedule_position  # noqa: E402
 from util.precision import autocast_dtype_for, check_device_support  # noqa: E402
 from util.preparation import missing_list_hint  # noqa: E402
 
@@ -228,12 +227,13 @@ def build_training_model(cfg, ctx, has_checkpoint: bool, logger):
     return model
 
 
-def build_optimization(cfg, ctx, model, max_iter: int) -> Optimization:
-    from util.optim import build_optimizer, build_poly_scheduler
+def build_optimization(cfg, ctx, model, iters_per_epoch: int) -> Optimization:
+    from util.losses import build_criterion
+    from util.optim import build_optimizer, build_scheduler
 
     optimizer = build_optimizer(model, cfg.base_lr, cfg.momentum, cfg.weight_decay)
-    return Optimization(criterion=engine.build_criterion(cfg.ignore_label), optimizer=optimizer,
-                        scheduler=build_poly_scheduler(optimizer, max_iter, cfg.power),
+    return Optimization(criterion=build_criterion(cfg), optimizer=optimizer,
+                        scheduler=build_scheduler(optimizer, cfg, iters_per_epoch),
                         scaler=torch.amp.GradScaler(ctx.device.type) if cfg.precision == "fp16" else None,
                         amp_dtype=autocast_dtype_for(cfg.precision))
 
@@ -526,7 +526,7 @@ def train_epoch(cfg, ctx, train_model, data: TrainingData, optim: Optimization, 
     epoch_start = time.time()
     stats = engine.train_one_epoch(
         train_model, data.train_loader, optim.criterion, optim.optimizer, optim.scheduler, ctx.device, epoch,
-        max_epochs=cfg.epochs, aux_weight=cfg.aux_weight, num_classes=cfg.classes, ignore_index=cfg.ignore_label,
+        max_epochs=cfg.epochs, num_classes=cfg.classes, ignore_index=cfg.ignore_label,
         scaler=optim.scaler, amp_dtype=optim.amp_dtype, channels_last=cfg.channels_last, print_freq=cfg.print_freq,
         logger=logger, writer=writer)
     logger.info(f"Train result at epoch [{epoch + 1}/{cfg.epochs}]: loss {stats['loss']:.4f} "
@@ -566,7 +566,7 @@ def _train(cfg, ctx, status: RunStatus) -> Dict[str, Any]:
         logger.info(f"validation every {cfg.val_every} epoch(s) on {validation_protocol(cfg)}")
 
     model = build_training_model(cfg, ctx, checkpoint is not None, logger)
-    optim = build_optimization(cfg, ctx, model, max_iter)
+    optim = build_optimization(cfg, ctx, model, iters_per_epoch)
     start_epoch, best_miou = cfg.start_epoch, 0.0
     if checkpoint is not None:
         start_epoch, best_miou = restore_training_state(cfg, checkpoint, resume_path, model, optim, logger)
@@ -574,7 +574,7 @@ def _train(cfg, ctx, status: RunStatus) -> Dict[str, Any]:
     if start_epoch >= cfg.epochs:
         logger.info(f"nothing to do: {start_epoch} epochs already done of {cfg.epochs}")
     # Also right for a run whose length (epochs, batch size, processes) changed since the checkpoint.
-    set_schedule_position(optim.scheduler, start_epoch * iters_per_epoch, max_iter)
+    optim.scheduler.reposition(start_epoch * iters_per_epoch, max_iter)
     train_model = wrap_model(cfg, ctx, model)
 
     writer = None

@@ -21,8 +21,9 @@ to the code that reads them, at import time::
     register_keys("TRAIN", {"lr_schedule": "poly", "warmup_iters": 0}, check=_check)
 
 and, if it lives in this repository, is named in :data:`KEY_MODULES` so that it is imported before
-any config is read (a user's module only has to be imported before ``load_cfg``, e.g. a loss
-registered in a test). Its keys then join the schema: they load from the file and from overrides,
+any config is read; a user's own file is named in the config's ``custom_imports`` (a module name or
+a ``.py`` path), which ``load_cfg`` imports before it reads the other keys. Its keys then join the
+schema: they load from the file and from overrides,
 are type-checked against the default, appear in :func:`dump_cfg`, and ``check(cfg)`` runs in
 :func:`validate_cfg` with the other checks, before anything heavy is built. A check raises
 :class:`ConfigError` (``check_choice`` / ``require`` help); one key has one owner.
@@ -33,6 +34,7 @@ import ast
 import copy
 import difflib
 import importlib
+import importlib.util
 import os
 import sys
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
@@ -62,7 +64,6 @@ SCHEMA: Dict[str, Dict[str, Any]] = {
         "train_w": 473,
         "zoom_factor": 8,
         "ignore_label": 255,
-        "aux_weight": 0.4,
         "train_gpu": [0],
         "workers": 16,
         "batch_size": 16,
@@ -81,6 +82,9 @@ SCHEMA: Dict[str, Dict[str, Any]] = {
         "channels_last": True,
         "compile": False,
         "keep_checkpoints": 2,
+        # The user's modules to import before the config is read (their registrations and keys):
+        # module names or .py files, e.g. [my_losses.py]. See README "Extending".
+        "custom_imports": None,
     },
     "Distributed": {
         "dist_url": "env://",
@@ -120,7 +124,7 @@ SCHEMA: Dict[str, Dict[str, Any]] = {
 ALL_DEFAULTS: Dict[str, Any] = {k: v for section in SCHEMA.values() for k, v in section.items()}
 
 # Modules of this repository that declare keys with register_keys (imported before any config is read).
-KEY_MODULES = ("util.precision", "util.optim", "util.transforms", "util.inference", "util.engine")
+KEY_MODULES = ("util.precision", "util.losses", "util.optim", "util.transforms", "util.inference", "util.engine")
 
 SPLITS = ("train", "val", "test")
 
@@ -287,10 +291,11 @@ def load_cfg(path: Optional[str], overrides: Optional[Sequence[str]] = None, val
         overrides: ``[KEY, VALUE, KEY, VALUE, ...]`` as given on the command line.
         validate: check values (layers, zoom, sizes, ...) after merging.
     """
+    data = _read_yaml(path) if path is not None else {}
+    import_custom_modules(_custom_import_names(data, overrides or []))  # their keys join the schema first
     all_defaults = defaults()
     cfg = CfgNode(copy.deepcopy(all_defaults))
     if path is not None:
-        data = _read_yaml(path)
         for section, entries in data.items():
             if section not in SCHEMA:
                 if section in all_defaults:
@@ -307,6 +312,55 @@ def load_cfg(path: Optional[str], overrides: Optional[Sequence[str]] = None, val
     if validate:
         validate_cfg(cfg)
     return cfg
+
+
+def _as_names(value: Any) -> List[str]:
+    if value is None or (isinstance(value, str) and _is_none_text(value)):
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ConfigError(f"custom_imports must be a module name, a .py file or a list of them, got {value!r}")
+
+
+def _custom_import_names(data: Dict[str, Any], overrides: Sequence[str]) -> List[str]:
+    names = []
+    for entries in data.values():
+        if isinstance(entries, dict) and "custom_imports" in entries:
+            names += _as_names(entries["custom_imports"])
+    for key, text in zip(overrides[0::2], overrides[1::2]):
+        if str(key).lstrip("-") == "custom_imports":
+            names += _as_names(parse_value(text))
+    return names
+
+
+def import_custom_modules(names: Iterable[str]) -> None:
+    """Import the user's modules of ``custom_imports`` (module names, or ``.py`` files relative to the
+    working directory), so that what they register (a loss, a schedule, a transform, a backbone)
+    and the keys they declare are known before the config is read. Each is imported once."""
+    for name in names:
+        try:
+            if name.endswith(".py"):
+                file_path = os.path.abspath(name)
+                module_name = os.path.splitext(os.path.basename(file_path))[0]
+                loaded = sys.modules.get(module_name)
+                if loaded is not None and os.path.abspath(getattr(loaded, "__file__", "") or "") == file_path:
+                    continue
+                if not os.path.isfile(file_path):
+                    raise ConfigError(f"custom_imports: file not found: {name}")
+                spec = importlib.util.spec_from_file_location(module_name, file_path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[module_name] = module
+                try:
+                    spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[module_name]
+                    raise
+            else:
+                importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(f"custom_imports: cannot import '{name}' ({exc})") from None
 
 
 def apply_overrides(cfg: CfgNode, overrides: Sequence[str]) -> CfgNode:
@@ -370,7 +424,6 @@ def _check_shared(cfg: CfgNode) -> None:
                 "keep_checkpoints"):
         require(isinstance(cfg[key], int) and cfg[key] >= 1, f"{key} must be an integer >= 1, got {cfg[key]}")
     require(isinstance(cfg.workers, int) and cfg.workers >= 0, f"workers must be an integer >= 0, got {cfg.workers}")
-    require(cfg.aux_weight >= 0, f"aux_weight must be >= 0, got {cfg.aux_weight}")
     require(cfg.index_start >= 0 and cfg.index_step >= 0, "index_start and index_step must be >= 0")
     require(cfg.dist_timeout > 0, f"dist_timeout must be a positive number of seconds, got {cfg.dist_timeout}")
 

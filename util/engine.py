@@ -17,11 +17,11 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from util.config import check_choice, register_keys, require
 from util.distributed import all_reduce_sum, get_rank
+from util.losses import match_target_size
 from util.metrics import confusion_matrix, metrics_from_confusion
 from util.misc import AverageMeter, format_seconds
 from util.precision import autocast
@@ -53,55 +53,6 @@ register_keys("TRAIN", {
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the run stops (the last saved checkpoint is kept)."""
-
-
-class SegmentationCrossEntropy(nn.Module):
-    """Pixel-wise cross entropy averaged over the labelled pixels.
-
-    Same value as ``nn.CrossEntropyLoss(ignore_index=...)``, except that a batch
-    with no labelled pixel at all (a crop that is all padding / void) gives 0
-    instead of NaN, so it cannot be mistaken for a diverged run.
-    """
-
-    def __init__(self, ignore_index: int = 255) -> None:
-        super().__init__()
-        self.ignore_index = ignore_index
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        if logits.dim() == 4:
-            # Classes innermost, (N*H*W, C): for channels_last logits (what a channels_last model
-            # returns) this is a free view and log-softmax runs over contiguous class vectors. Over
-            # dim 1 of a channels_last tensor, cross_entropy first copies it to NCHW, forward and
-            # backward: about a fifth of a CPU training step at 150 classes and 473x473.
-            logits = logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
-            target = target.reshape(-1)
-        total = F.cross_entropy(logits, target, ignore_index=self.ignore_index, reduction="sum")
-        labelled = (target != self.ignore_index).sum().clamp_min(1)
-        return total / labelled
-
-
-def build_criterion(ignore_index: int = 255) -> nn.Module:
-    return SegmentationCrossEntropy(ignore_index)
-
-
-def match_target_size(target: torch.Tensor, size) -> torch.Tensor:
-    """Subsample an (N, H, W) label map to the logits' (h, w).
-
-    The model's logits sample the input on an align_corners grid
-    (h = (H - 1) / 8 * zoom + 1), so the matching label pixels are the ones at
-    rows ``round(i * (H - 1) / (h - 1))``: nearest neighbour, never blended
-    (bilinear interpolation of class ids, as the release did, invents classes).
-    """
-    h, w = int(size[0]), int(size[1])
-    H, W = target.shape[-2:]
-    if (h, w) == (H, W):
-        return target
-    rows = torch.linspace(0, H - 1, h, device=target.device).round().long() if h > 1 else \
-        torch.zeros(1, dtype=torch.long, device=target.device)
-    cols = torch.linspace(0, W - 1, w, device=target.device).round().long() if w > 1 else \
-        torch.zeros(1, dtype=torch.long, device=target.device)
-    return target.index_select(-2, rows).index_select(-1, cols)
 
 
 def _to_device(image: torch.Tensor, target: torch.Tensor, device: torch.device, channels_last: bool):
@@ -143,7 +94,7 @@ class ProgressLine:
 
 def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler, device: torch.device, epoch: int, *, max_epochs: Optional[int] = None,
-                    aux_weight: float = 0.4, num_classes: int, ignore_index: int = 255,
+                    num_classes: int, ignore_index: int = 255,
                     scaler: Optional[torch.amp.GradScaler] = None, amp_dtype: Optional[torch.dtype] = None,
                     channels_last: bool = True, print_freq: int = 10,
                     logger: Optional[logging.Logger] = None, writer=None) -> Dict[str, float]:
@@ -155,11 +106,11 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
         loader: yields ``(image (N,3,H,W) float, label (N,H,W) int)``; every
             process must yield the same number of batches (DistributedSampler
             with ``drop_last``), since each iteration has collectives.
-        criterion: ``criterion(logits, target) -> scalar`` (ignores ``ignore_index``).
-        scheduler: stepped once after every optimizer step (poly policy).
+        criterion: a :class:`util.losses.SegmentationLoss` (``build_criterion(cfg)``):
+            ``criterion.with_aux(logits, aux_logits, target)`` -> (loss, main, aux).
+        scheduler: stepped once after every optimizer step (``util.optim.build_scheduler``).
         epoch: 0-based index of this epoch; messages print ``epoch + 1``.
         max_epochs: total epochs of the run (for the ETA); default ``epoch + 1``.
-        aux_weight: loss = main + aux_weight * aux.
         scaler: a GradScaler for fp16, else None.
         amp_dtype: autocast dtype (torch.bfloat16 / torch.float16) or None for fp32.
         print_freq: a progress line every ``print_freq`` iterations (rank 0 only).
@@ -176,6 +127,7 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
     """
     max_epochs = epoch + 1 if max_epochs is None else max_epochs
     is_main = get_rank() == 0
+    aux_weight = criterion.aux_weight
     model.train()
     iters_per_epoch = len(loader)
     epoch_cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
@@ -190,10 +142,8 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
         optimizer.zero_grad(set_to_none=True)
         with autocast(device.type, amp_dtype):
             logits, aux_logits = model(image)
+        loss, main_loss, aux_loss = criterion.with_aux(logits, aux_logits, target)
         target_main = match_target_size(target, logits.shape[-2:])
-        main_loss = criterion(logits.float(), target_main)
-        aux_loss = criterion(aux_logits.float(), match_target_size(target, aux_logits.shape[-2:]))
-        loss = main_loss + aux_weight * aux_loss
         if scaler is not None:
             scaler.scale(loss).backward()
         else:
@@ -278,8 +228,8 @@ def evaluate(model: nn.Module, loader, criterion: nn.Module, device: torch.devic
     synchronise buffers in every call.
 
     Returns:
-        ``dict(loss, mIoU, mAcc, allAcc, iou, acc)``; ``loss`` is the main
-        cross entropy per sample; ``iou``/``acc`` are per-class lists.
+        ``dict(loss, mIoU, mAcc, allAcc, iou, acc)``; ``loss`` is ``criterion(logits, target)``
+        (the main output's pixel loss) per sample; ``iou``/``acc`` are per-class lists.
     """
     was_training = model.training
     model.eval()
@@ -295,7 +245,7 @@ def evaluate(model: nn.Module, loader, criterion: nn.Module, device: torch.devic
             if isinstance(logits, (tuple, list)):  # a model that also returns aux in eval mode
                 logits = logits[0]
             target = match_target_size(target, logits.shape[-2:])
-            loss = criterion(logits.float(), target)
+            loss = criterion(logits, target)
             n = image.shape[0]
             loss_sums[0] += loss.double() * n
             loss_sums[1] += n

@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 import torch
 
+from model.registry import Registry
 from util.config import register_keys, require
 
 # ImageNet statistics on the 0..255 scale, RGB order (the release's constants).
@@ -37,7 +38,8 @@ _CV_LABEL_DTYPES = (np.uint8, np.uint16, np.int16, np.int32)
 
 __all__ = [
     "MEAN", "STD", "Compose", "RandScale", "RandRotate", "RandomGaussianBlur", "RandomHorizontalFlip",
-    "Crop", "ToTensor", "Normalize", "build_train_transform", "build_val_transform",
+    "Crop", "ToTensor", "Normalize", "PhotometricDistortion", "TRAIN_TRANSFORMS", "register_train_transform",
+    "build_train_transform", "build_val_transform",
 ]
 
 
@@ -314,6 +316,64 @@ class Normalize:
         return f"Normalize(mean={self.mean}, std={self.std})"
 
 
+class PhotometricDistortion:
+    """Brightness, contrast, saturation and hue jitter of the image (the label is untouched), as
+    mmsegmentation's PhotoMetricDistortion: each of the four with probability 1/2, in a random
+    order; brightness adds ``uniform(-brightness, brightness)``, contrast and saturation multiply
+    by ``uniform(*contrast)`` / ``uniform(*saturation)``, hue turns by ``uniform(-hue, hue)``
+    degrees; values are clipped to 0..255 after each step. For 3-channel RGB float images.
+    """
+
+    def __init__(self, brightness: float = 32.0, contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue: float = 36.0):
+        self.brightness = float(brightness)
+        self.contrast = _pair(contrast, "contrast")
+        self.saturation = _pair(saturation, "saturation")
+        self.hue = float(hue)
+
+    def _brightness(self, image):
+        return image + random.uniform(-self.brightness, self.brightness)
+
+    def _contrast(self, image):
+        return image * random.uniform(*self.contrast)
+
+    def _in_hsv(self, image, channel: int, change):
+        # float32 HSV: hue in degrees [0, 360), saturation and value in [0, 1]
+        hsv = cv2.cvtColor(np.ascontiguousarray(image, dtype=np.float32) / 255.0, cv2.COLOR_RGB2HSV)
+        hsv[:, :, channel] = change(hsv[:, :, channel])
+        return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB) * 255.0
+
+    def _saturation(self, image):
+        factor = random.uniform(*self.saturation)
+        return self._in_hsv(image, 1, lambda s: np.clip(s * factor, 0.0, 1.0))
+
+    def _hue(self, image):
+        shift = random.uniform(-self.hue, self.hue)
+        return self._in_hsv(image, 0, lambda h: np.mod(h + shift, 360.0))
+
+    def __call__(self, image, label):
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"PhotometricDistortion needs an HxWx3 RGB image, got shape {image.shape}")
+        steps = [self._brightness, self._contrast, self._saturation, self._hue]
+        random.shuffle(steps)
+        image = image.astype(np.float32, copy=False)
+        for step in steps:
+            if random.random() < 0.5:
+                image = np.clip(step(image), 0.0, 255.0).astype(np.float32, copy=False)
+        return image, label
+
+    def __repr__(self) -> str:
+        return (f"PhotometricDistortion(brightness={self.brightness}, contrast={self.contrast}, "
+                f"saturation={self.saturation}, hue={self.hue})")
+
+
+# ---------------------------------------------------------------------------------------------
+# The training pipeline: registered steps, each ``builder(cfg) -> transform or None (off)``, run
+# in registration order, then ToTensor and Normalize. The release's five steps come first.
+
+TRAIN_TRANSFORMS = Registry("training transform", "build_train_transform")
+register_train_transform = TRAIN_TRANSFORMS.register
+
+
 def _check_keys(cfg) -> None:
     require(cfg.scale_min > 0 and cfg.scale_min <= cfg.scale_max,
             f"need 0 < scale_min <= scale_max, got {cfg.scale_min} and {cfg.scale_max}")
@@ -321,20 +381,47 @@ def _check_keys(cfg) -> None:
 
 
 # Degrees as floats: a YAML "-10" loads as -10.0, and "rotate_min -7.5" is accepted.
-register_keys("TRAIN", {"scale_min": 0.5, "scale_max": 2.0, "rotate_min": -10.0, "rotate_max": 10.0}, check=_check_keys)
+register_keys("TRAIN", {"scale_min": 0.5, "scale_max": 2.0, "rotate_min": -10.0, "rotate_max": 10.0,
+                        "photometric": False}, check=_check_keys)
+
+
+@register_train_transform("scale")
+def _scale(cfg):
+    return RandScale((cfg.scale_min, cfg.scale_max))
+
+
+@register_train_transform("rotate")
+def _rotate(cfg):
+    return RandRotate((cfg.rotate_min, cfg.rotate_max), padding=MEAN, ignore_label=cfg.ignore_label)
+
+
+@register_train_transform("blur")
+def _blur(cfg):
+    return RandomGaussianBlur()
+
+
+@register_train_transform("flip")
+def _flip(cfg):
+    return RandomHorizontalFlip()
+
+
+@register_train_transform("crop")
+def _crop(cfg):
+    return Crop((cfg.train_h, cfg.train_w), crop_type="rand", padding=MEAN, ignore_label=cfg.ignore_label)
+
+
+@register_train_transform("photometric")
+def _photometric(cfg):
+    # After the crop: jitters train_h x train_w pixels instead of an up to 2x scaled image (the
+    # mean-colour padding of a small image is jittered with it; its label is ignore anyway).
+    return PhotometricDistortion() if cfg.photometric else None
 
 
 def build_train_transform(cfg) -> Compose:
-    """The release's training augmentation: scale, rotate, blur, flip, random crop, to tensor, normalise."""
-    return Compose([
-        RandScale((cfg.scale_min, cfg.scale_max)),
-        RandRotate((cfg.rotate_min, cfg.rotate_max), padding=MEAN, ignore_label=cfg.ignore_label),
-        RandomGaussianBlur(),
-        RandomHorizontalFlip(),
-        Crop((cfg.train_h, cfg.train_w), crop_type="rand", padding=MEAN, ignore_label=cfg.ignore_label),
-        ToTensor(),
-        Normalize(mean=MEAN, std=STD),
-    ])
+    """The training augmentation: every registered step that ``cfg`` switches on (the release's
+    scale, rotate, blur, flip, random crop; ``photometric``; a user's), then to tensor, normalise."""
+    steps = [builder(cfg) for _, builder in TRAIN_TRANSFORMS.items()]
+    return Compose([step for step in steps if step is not None] + [ToTensor(), Normalize(mean=MEAN, std=STD)])
 
 
 def build_val_transform(cfg) -> Compose:

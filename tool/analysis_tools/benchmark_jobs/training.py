@@ -30,7 +30,7 @@ def step_options(cfg, precision: str, device: torch.device) -> Dict:
     from util.precision import autocast_dtype_for
 
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    return dict(aux_weight=cfg.aux_weight, num_classes=int(cfg.classes), ignore_index=cfg.ignore_label,
+    return dict(num_classes=int(cfg.classes), ignore_index=cfg.ignore_label,
                 scaler=scaler, amp_dtype=autocast_dtype_for(precision), channels_last=bool(cfg.get("channels_last")),
                 print_freq=10 ** 9, logger=None, writer=None)
 

@@ -64,15 +64,15 @@ def training_parts(cfg, model: nn.Module, device: torch.device, iters_per_epoch:
     """(model, train_model, criterion, optimizer, scheduler) for timing: a train-mode copy of ``model``
     on ``device`` (channels_last per cfg; ``train_model`` is it under torch.compile when cfg.compile),
     with the loss, optimiser and schedule of ``cfg`` from the builders tool/train.py uses."""
-    from util import engine
-    from util.optim import build_optimizer, build_poly_scheduler
+    from util.losses import build_criterion
+    from util.optim import build_optimizer, build_scheduler
 
     model = copy.deepcopy(model).to(device)
     memory_format = torch.channels_last if cfg.get("channels_last") else torch.contiguous_format
     model = model.to(memory_format=memory_format).train()
     optimizer = build_optimizer(model, cfg.base_lr, cfg.momentum, cfg.weight_decay)
-    scheduler = build_poly_scheduler(optimizer, max(iters_per_epoch, 1) * int(cfg.epochs), cfg.power)
-    criterion = engine.build_criterion(cfg.ignore_label)
+    scheduler = build_scheduler(optimizer, cfg, max(iters_per_epoch, 1))
+    criterion = build_criterion(cfg)
     train_model = torch.compile(model) if cfg.get("compile") else model
     return model, train_model, criterion, optimizer, scheduler
 
