@@ -43,14 +43,3 @@ def camvid_root() -> Path:
     if not (path / "train.txt").is_file():
         pytest.skip(f"CamVid not found at {path}")
     return path
-
-
-@pytest.fixture(scope="session")
-def camvid_overrides() -> list:
-    """``KEY VALUE`` overrides pointing a CamVid config (which ships with the user path data/camvid) at
-    ../shared's copy; empty when that copy is absent (the tools then skip what needs the images)."""
-    path = SHARED / "data" / "camvid"
-    if not (path / "train.txt").is_file():
-        return []
-    return ["data_root", str(path), "train_list", str(path / "train.txt"), "val_list", str(path / "val.txt"),
-            "test_list", str(path / "val.txt")]
