@@ -208,6 +208,22 @@ def test_fp16_needs_cuda():
     check_device_support(load_cfg(PYCONV50, ["precision", "bf16"]), "cpu")
 
 
+def test_bf16_needs_native_gpu_support(monkeypatch):
+    import torch
+
+    cfg = load_cfg(PYCONV50, ["precision", "bf16"])
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Tesla V100")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: asked.append(
+        including_emulation) or False)
+    with pytest.raises(ConfigError, match=r"bf16: this GPU \(Tesla V100\) has no native bfloat16.*fp16 or fp32"):
+        check_device_support(cfg, "cuda")
+    assert asked == [False]  # emulated bf16 does not count
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    check_device_support(cfg, "cuda")
+    check_device_support(load_cfg(PYCONV50, ["precision", "fp32"]), "cuda")
+
+
 def test_dump_round_trips(tmp_path):
     cfg = load_cfg(PYCONV50, ["layers", "152", "resume", "auto"])
     out = tmp_path / "copy.yaml"

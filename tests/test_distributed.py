@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -225,15 +226,17 @@ def test_torchrun_two_process_camvid_run(tmp_path, camvid_root):
     from model import build_model
     from util.checkpoint import load_checkpoint_file
 
-    lines = (camvid_root / "train.txt").read_text().splitlines()[:4]
-    list_file = tmp_path / "camvid4.txt"
+    lines = (camvid_root / "train.txt").read_text().splitlines()[:8]
+    list_file = tmp_path / "camvid8.txt"
     list_file.write_text("\n".join(lines) + "\n")
+    val_list = tmp_path / "camvid4.txt"
+    val_list.write_text("\n".join(lines[:4]) + "\n")
     config = tmp_path / "camvid_tiny.yaml"
     config.write_text(textwrap.dedent(f"""
         DATA:
           data_root: {camvid_root}
           train_list: {list_file}
-          val_list: {list_file}
+          val_list: {val_list}
           classes: 11
         TRAIN:
           arch: pyconvsegnet
@@ -241,10 +244,11 @@ def test_torchrun_two_process_camvid_run(tmp_path, camvid_root):
           layers: 50
           train_h: 65
           train_w: 65
-          batch_size: 2
+          batch_size: 4
           batch_size_val: 2
           workers: 2
-          epochs: 1
+          epochs: 2
+          base_lr: 0.001
           manual_seed: 3
           print_freq: 1
           save_path: {tmp_path / 'model'}
@@ -255,12 +259,14 @@ def test_torchrun_two_process_camvid_run(tmp_path, camvid_root):
     proc = _torchrun([REPO_ROOT / "tool" / "train.py", "--config", config], cwd=REPO_ROOT)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
-    assert "2 process(es)" in output and "1 per process per step, 2 iterations per epoch" in output
+    assert "2 process(es)" in output and "batch_size 4 in total over 2 process(es): 2 per process per step, " \
+        "2 iterations per epoch" in output
     assert "crop-level score" in output
 
-    path = tmp_path / "model" / "train_epoch_1.pth"
+    # (2 epochs: after 2 steps at 2 images per process, BatchNorm's running statistics give mIoU 0 on val)
+    path = tmp_path / "model" / "train_epoch_2.pth"
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # plain data only
-    assert load_checkpoint_file(path)["epoch"] == 1
+    assert load_checkpoint_file(path)["epoch"] == 2
     assert set(checkpoint) == {"epoch", "state_dict", "optimizer", "scheduler", "scaler", "best_mIoU", "cfg"}
     assert checkpoint["scaler"] is None and isinstance(checkpoint["cfg"], dict)
     assert checkpoint["cfg"]["classes"] == 11
@@ -271,7 +277,7 @@ def test_torchrun_two_process_camvid_run(tmp_path, camvid_root):
         assert checkpoint["state_dict"][f"module.{key}"].shape == value.shape, key
     assert checkpoint["state_dict"]["module.cls.1.weight"].shape[0] == 11
     assert (tmp_path / "model" / "best_mIoU.pth").is_file()
-    # the poly schedule ran to its end (1 epoch of 1): lr 0 in both groups
+    # the poly schedule ran to its end (2 epochs of 2): lr 0 in both groups
     assert [g["lr"] for g in checkpoint["optimizer"]["param_groups"]] == [0.0, 0.0]
 
 
@@ -314,7 +320,7 @@ def test_spawn_mode_on_cpu(tmp_path):
     config = tmp_path / "spawn.yaml"
     config.write_text(textwrap.dedent(f"""
         DATA: {{data_root: {tmp_path}, train_list: {list_path}, classes: 3}}
-        TRAIN: {{backbone_net: resnet, layers: 50, train_h: 65, train_w: 65, batch_size: 2, workers: 0,
+        TRAIN: {{backbone_net: resnet, layers: 50, train_h: 65, train_w: 65, batch_size: 4, workers: 0,
                  epochs: 1, manual_seed: 2, print_freq: 1, save_path: {tmp_path / 'model'}, train_gpu: [0, 1]}}
         Distributed: {{dist_url: 'tcp://127.0.0.1:{port}'}}
         TEST: {{device: cpu}}
@@ -326,7 +332,7 @@ def test_spawn_mode_on_cpu(tmp_path):
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "SPAWN DONE" in output, output[-4000:]
     assert "2 process(es), this one rank 0 on cpu" in output
-    assert "1 per process per step, 2 iterations per epoch" in output
+    assert "2 per process per step, 1 iterations per epoch" in output
     checkpoint = torch.load(tmp_path / "model" / "train_epoch_1.pth", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 1 and checkpoint["cfg"]["train_gpu"] == [0, 1]
 
@@ -383,3 +389,42 @@ def test_slurm_tasks_train_like_torchrun(tmp_path):
     assert list(got["state_dict"]) == list(expected["state_dict"])
     for key, value in expected["state_dict"].items():
         assert torch.equal(got["state_dict"][key], value), key
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up checks of a multi-process run: a problem on one rank stops every rank at once
+
+
+def _ranks_by_hand(command_of_rank, cwd, timeout=240):
+    """Two ranks started separately with torchrun's variables (as on two machines); returns their outputs."""
+    port = dist_utils._free_port()
+    processes = []
+    for rank in range(2):
+        env = _clean_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                         MASTER_PORT=str(port))
+        processes.append(subprocess.Popen(command_of_rank(rank), cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+    return [(process.communicate(timeout=timeout)[0], process.returncode) for process in processes]
+
+
+@pytest.mark.parametrize("fault", ["pretrained-missing-on-rank-1", "save-path-not-shared"])
+def test_a_problem_on_one_rank_stops_all_at_start(tmp_path, fault):
+    from tiny_runs import write_tiny_config
+
+    config = write_tiny_config(tmp_path, batch_size=4, epochs=1, dist_timeout=600)
+    pretrained = tmp_path / "backbone.pth"
+    pretrained.write_bytes(b"checked for existence only")
+
+    def command(rank):
+        opts = ["save_path", str(tmp_path / f"model_rank{rank}")] if fault == "save-path-not-shared" else \
+            ["pretrained", str(pretrained if rank == 0 else tmp_path / "absent.pth")]
+        return [sys.executable, str(REPO_ROOT / "tool" / "train.py"), "--config", str(config), *opts]
+
+    results = _ranks_by_hand(command, cwd=tmp_path)
+    expected = (r"rank 1 on [^:]+: save_path \S+model_rank1 is not the directory rank 0 writes to"
+                if fault == "save-path-not-shared" else r"rank 1 on [^:]+: pretrained file not found: \S+absent.pth")
+    for output, status in results:  # both ranks, long before dist_timeout (600 s)
+        assert status == 2, output[-3000:]
+        assert re.search("config error: " + expected, output), output[-3000:]
+        assert "save_path must be a shared directory" in output
+        assert "Traceback" not in output

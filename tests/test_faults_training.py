@@ -45,11 +45,13 @@ def train_tool():
     return load_script("tool/train.py", "train_tool_faults")
 
 
-def write_config(tmp_path: Path, **train_keys) -> Path:
-    """A tiny CPU training config: 33x33 crops of 40x44 PNGs, 2 iterations per epoch, a checkpoint every epoch."""
+def write_config(tmp_path: Path, images: int = 4, **train_keys) -> Path:
+    """A tiny CPU training config: 33x33 crops of ``images`` 40x44 PNGs, batch 2 (2 iterations per epoch), a
+    checkpoint every epoch."""
     keys = dict(train_h=33, train_w=33, manual_seed=7, save_freq=1, keep_checkpoints=2)
     keys.update(train_keys)
-    return write_tiny_config(tmp_path, dataset=dict(size=(40, 44), image_ext="png", void_rows=0), **keys)
+    return write_tiny_config(tmp_path, dataset=dict(count=images, size=(40, 44), image_ext="png", void_rows=0),
+                             **keys)
 
 
 def child_env(**extra) -> dict:
@@ -252,7 +254,7 @@ def _alive(pid: int) -> bool:
 def test_torchrun_rank_killed_whole_run_stops(tmp_path):
     """SIGKILL one of two torchrun workers mid-training: the launcher exits non-zero within a bound and
     no worker is left behind."""
-    config = write_config(tmp_path, epochs=50, save_freq=100, dist_timeout=15)
+    config = write_config(tmp_path, images=8, batch_size=4, epochs=50, save_freq=100, dist_timeout=15)  # 2 per rank
     log = tmp_path / "torchrun.log"
     with open(log, "w") as handle:
         launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -285,7 +287,7 @@ def test_peer_lost_without_launcher_survivor_exits(tmp_path, fault):
     ``hung-peer``: rank 1 is frozen (SIGSTOP); rank 0 must fail by ``dist_timeout`` instead of waiting forever.
     ``dead-main``: rank 0 is killed (SIGKILL); rank 1 must fail promptly."""
     timeout = 8
-    config = write_config(tmp_path, epochs=50, save_freq=100, dist_timeout=timeout)
+    config = write_config(tmp_path, images=8, batch_size=4, epochs=50, save_freq=100, dist_timeout=timeout)
     port = free_port()
     processes, logs = [], []
     for rank in range(2):

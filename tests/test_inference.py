@@ -186,3 +186,57 @@ def test_training_mode_is_refused():
     with pytest.raises(ValueError, match="eval"):
         sliding_window_probs(model, np.zeros((33, 33, 3), np.float32), 3, 33, MEAN, STD)
     assert math.isclose(sum(MEAN), 0.485 * 255 + 0.456 * 255 + 0.406 * 255)
+
+
+class _ConvFeedsTwo(nn.Module):
+    """conv -> bn, but the conv's output is also added after the BN: folding would change it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_fold_batchnorm_checks_in_float32_and_logs_which_path():
+    import logging
+    import warnings
+
+    from util.inference import exact_float32, fold_batchnorm
+
+    # A handler on the logger itself: the tools' get_logger() turns propagation to the root logger off.
+    logger, messages = logging.getLogger("pyconvsegnet"), []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    previous_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        torch.manual_seed(0)
+        plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        plain[1].running_mean.uniform_(-1, 1)
+        plain[1].running_var.uniform_(0.5, 2)
+        folded = fold_batchnorm(plain)
+        assert isinstance(folded[1], nn.Identity)
+        assert any(m.startswith("BatchNorm folded into 1 convolutions (checked in float32 with TF32 off")
+                   for m in messages), messages
+
+        messages.clear()
+        branching = _ConvFeedsTwo()
+        branching.bn.running_mean.uniform_(-1, 1)
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            kept = fold_batchnorm(branching)
+        assert isinstance(kept.bn, nn.BatchNorm2d)
+        assert any(m.startswith("BatchNorm NOT folded: the folded model did not reproduce the original")
+                   for m in messages), messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous_level)
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    with exact_float32():
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before

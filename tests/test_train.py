@@ -382,6 +382,15 @@ def test_unwritable_save_path_reported_before_training(tmp_path, monkeypatch, tr
         train_tool.main(["--config", str(config), "save_path", str(blocker / "model")])
 
 
+def test_one_image_per_process_refused_before_model_build(tmp_path, monkeypatch, train_tool):
+    # BatchNorm in training mode over a single image (PSPNet's 1x1 pooling branch cannot run at all)
+    config = write_config(tmp_path)
+    _forbid_model_build(monkeypatch)
+    with pytest.raises(ConfigError, match=r"batch_size 1 over 1 process\(es\) is 1 image per process: BatchNorm "
+                                          r".*use batch_size 2 or more$"):
+        train_tool.main(["--config", str(config), "batch_size", "1"])
+
+
 def test_fp16_on_cpu_rejected_before_model_build(tmp_path, monkeypatch, train_tool):
     config = write_config(tmp_path)
     _forbid_model_build(monkeypatch)

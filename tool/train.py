@@ -38,12 +38,12 @@ import torch  # noqa: E402
 
 from util import distributed as dist_utils  # noqa: E402
 from util import engine  # noqa: E402  (engine.train_one_epoch is looked up at call time: tests patch it)
-from util.checkpoint import (BEST_CHECKPOINT, check_training_checkpoint, checkpoint_path,  # noqa: E402
-                              find_resume_checkpoint, list_epoch_checkpoints, make_checkpoint, prune_checkpoints,
-                              save_training_checkpoint)
-from util.cli import exit_with  # noqa: E402
+from util.checkpoint import (BEST_CHECKPOINT, CheckpointError, add_mid_epoch_state,  # noqa: E402
+                              check_training_checkpoint, checkpoint_path, find_resume_checkpoint,
+                              list_training_checkpoints, make_checkpoint, prune_checkpoints, save_training_checkpoint)
+from util.cli import STOP_SIGNALS, StopSignals, TrainingStopped, exit_with, ignore_stop_signals  # noqa: E402
 from util.config import ConfigError, load_cfg  # noqa: E402
-from util.misc import format_seconds, get_logger, set_seed  # noqa: E402
+from util.misc import format_seconds, get_logger, restore_rng_state, rng_state, set_seed  # noqa: E402
 from util.precision import autocast_dtype_for, check_device_support  # noqa: E402
 from util.preparation import missing_list_hint  # noqa: E402
 
@@ -97,6 +97,37 @@ def check_run_config(cfg) -> None:
     check_writable_dir(cfg.save_path)
 
 
+def check_on_every_rank(cfg) -> None:
+    """:func:`check_run_config` on every process of a multi-process run, and ``save_path`` seen by all.
+
+    Each node needs its own copy of ``pretrained``, the lists and the data; ``save_path`` must be one
+    directory every node shares (checkpoints are written by rank 0 and read by all on resume). A
+    problem on any rank stops every rank at once, named with its rank and host.
+    """
+    problem = None
+    try:
+        check_run_config(cfg)
+    except ConfigError as exc:
+        problem = str(exc)
+    problems = dist_utils.problems_on_any_rank(problem)
+    if not problems:
+        # rank 0 leaves a marker in save_path; a rank that does not see it has a save_path of its own
+        marker = os.path.join(cfg.save_path, f".shared_check_{dist_utils.broadcast_object(uuid.uuid4().hex)}")
+        if dist_utils.get_rank() == 0:
+            with open(marker, "w") as handle:
+                handle.write("save_path shared check\n")
+        dist_utils.barrier()
+        problems = dist_utils.problems_on_any_rank(
+            None if os.path.exists(marker) else
+            f"save_path {cfg.save_path} is not the directory rank 0 writes to (a file rank 0 created there is missing)")
+        dist_utils.barrier()
+        if dist_utils.get_rank() == 0:
+            os.remove(marker)
+    if problems:
+        raise ConfigError("; ".join(problems) + " (on several machines save_path must be a shared directory and "
+                          "every node needs pretrained, the lists and the data)")
+
+
 # ---------------------------------------------------------------------------------------------
 def _resume_path(cfg, logger) -> Optional[str]:
     """The checkpoint to resume from, or None (no ``resume``, or ``resume: auto`` with nothing saved yet)."""
@@ -143,7 +174,7 @@ class TrainingData:
 
 
 def build_loaders(cfg, ctx, seed: int) -> TrainingData:
-    from torch.utils.data import DataLoader, DistributedSampler
+    from torch.utils.data import DataLoader
 
     from util.dataset import SegDataset
     from util.transforms import build_train_transform, build_val_transform
@@ -151,18 +182,29 @@ def build_loaders(cfg, ctx, seed: int) -> TrainingData:
     # No util.dataset.worker_init_fn: its cv2.setNumThreads() deadlocks in a forked worker once this
     # process has used OpenCV's thread pool (e.g. a previous in-process run with workers 0).
     world = ctx.world_size
-    batch_size = cfg.batch_size // world
+    batch_size = cfg.batch_size // world  # batch_size is the total over all processes of all nodes
     if batch_size < 1:
         raise ConfigError(f"batch_size {cfg.batch_size} is the total over {world} processes: it must be >= {world}")
+    sync_bn_spans_processes = bool(cfg.sync_bn) and ctx.distributed and ctx.device.type == "cuda"
+    if batch_size == 1 and not sync_bn_spans_processes:
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} over {world} process(es) is 1 image per process: BatchNorm in training "
+            f"mode would normalise each image on its own (PSPNet's 1x1 pooling branch cannot run at all). "
+            f"batch_size is the total over all processes: use batch_size {2 * world} or more"
+            + (", or sync_bn True on CUDA" if world > 1 else ""))
     workers = math.ceil(cfg.workers / world)
     pin = ctx.device.type == "cuda"
 
     train_set = SegDataset("train", cfg.data_root, cfg.train_list, transform=build_train_transform(cfg), seed=seed,
                            num_classes=cfg.classes, ignore_label=cfg.ignore_label)
     # shuffle=True even for one process: the order then depends only on (seed, epoch), which resume needs.
-    train_sampler = DistributedSampler(train_set, num_replicas=world, rank=ctx.rank, shuffle=True, seed=seed)
+    train_sampler = dist_utils.TrainSampler(train_set, num_replicas=world, rank=ctx.rank, shuffle=True, seed=seed)
+    # worker_init_fn: a cluster's stop signal reaches the workers too; they must outlive the iteration.
+    # generator: the loader's base seed is not drawn from the global stream, which then holds only
+    # the model's randomness (dropout) and resumes mid-epoch from a saved state.
     train_loader = DataLoader(train_set, batch_size=batch_size, sampler=train_sampler, num_workers=workers,
-                              pin_memory=pin, drop_last=True,
+                              pin_memory=pin, drop_last=True, worker_init_fn=ignore_stop_signals,
+                              generator=torch.Generator().manual_seed(seed),
                               persistent_workers=False)  # workers must see set_epoch() each epoch
     if len(train_loader) == 0:
         raise ConfigError(f"train_list {cfg.train_list} has {len(train_set)} images: fewer than one batch "
@@ -418,8 +460,9 @@ def report_final_and_best(cfg, ctx, model, data: TrainingData, last_whole: Optio
 
 
 def save_checkpoints(cfg, ctx, epoch_log: int, model, optim: Optimization, best_miou: float, improved: bool,
-                     logger) -> None:
-    """``train_epoch_N.pth`` every ``save_freq`` epochs and after the last; ``best_mIoU.pth`` when improved."""
+                     logger, force: bool = False) -> None:
+    """``train_epoch_N.pth`` every ``save_freq`` epochs, after the last and when ``force`` (a stop signal);
+    ``best_mIoU.pth`` when improved."""
     if not ctx.is_main:
         return
     checkpoint = None
@@ -429,7 +472,7 @@ def save_checkpoints(cfg, ctx, epoch_log: int, model, optim: Optimization, best_
         made["val_protocol"] = validation_protocol(cfg) if cfg.evaluate else None
         return made
 
-    if epoch_log % cfg.save_freq == 0 or epoch_log == cfg.epochs:
+    if epoch_log % cfg.save_freq == 0 or epoch_log == cfg.epochs or force:
         checkpoint = build()
         path = checkpoint_path(cfg.save_path, epoch_log)
         save_training_checkpoint(checkpoint, path)
@@ -475,7 +518,7 @@ class RunStatus:
         return shlex.join(launcher + [script, "--config", self.config_path, *kept, "resume", "auto"])
 
     def stopped_message(self, reason: str = "interrupted") -> str:
-        found = list_epoch_checkpoints(self.save_path)
+        found = list_training_checkpoints(self.save_path)
         newest = f"newest checkpoint {found[-1][1]}" if found else f"no checkpoint in {self.save_path} yet"
         return f"{reason} {self.where()}; {newest}; resume with: {self.resume_command()}"
 
@@ -497,6 +540,8 @@ def run(cfg, spawn_index: Optional[int] = None, status: Optional[RunStatus] = No
     if status is not None:
         status.is_main, status.world_size = ctx.is_main, ctx.world_size
     try:
+        if ctx.distributed:
+            check_on_every_rank(cfg)
         return _train(cfg, ctx, status or RunStatus(cfg.save_path, ""))
     finally:
         dist_utils.cleanup()
@@ -512,23 +557,34 @@ def load_resume_checkpoint(cfg, ctx, logger):
     resume_path = dist_utils.broadcast_object(_resume_path(cfg, logger) if ctx.is_main else None)
     if resume_path is None:
         return None, None
+    missing = dist_utils.problems_on_any_rank(None if os.path.isfile(resume_path) else f"{resume_path} does not exist")
+    if missing:
+        raise CheckpointError(f"every rank resumes from {resume_path}, chosen by rank 0, but: {'; '.join(missing)} "
+                              f"(on several machines save_path must be a shared directory)")
     checkpoint = load_checkpoint_file(resume_path)
     check_training_checkpoint(checkpoint, resume_path)
     return checkpoint, resume_path
 
 
 def train_epoch(cfg, ctx, train_model, data: TrainingData, optim: Optimization, epoch: int, seed: int, logger,
-                writer) -> Dict[str, float]:
-    """One epoch (0-based ``epoch``) with its seeds and data order set for exact resume; logs the result."""
+                writer, progress: Optional[Dict] = None, rng: Optional[Dict] = None,
+                stop: Optional[StopSignals] = None) -> Dict[str, float]:
+    """One epoch (0-based ``epoch``) with its seeds and data order set for exact resume; logs the result.
+
+    ``progress``/``rng``: continue the epoch where a mid-epoch checkpoint stopped (the batches done are
+    skipped, the random state is this rank's at that point). ``stop``: polled every iteration; a stop
+    raises util.engine.EpochInterrupted on every rank after the same iteration."""
     set_seed(epoch_seed(seed, epoch, ctx.rank))
-    data.train_sampler.set_epoch(epoch)
+    data.train_sampler.set_epoch(epoch, start=progress["iteration"] * data.batch_size if progress else 0)
     data.train_set.set_epoch(epoch)
+    if rng is not None:
+        restore_rng_state(rng, ctx.device)
     epoch_start = time.time()
     stats = engine.train_one_epoch(
         train_model, data.train_loader, optim.criterion, optim.optimizer, optim.scheduler, ctx.device, epoch,
         max_epochs=cfg.epochs, num_classes=cfg.classes, ignore_index=cfg.ignore_label,
         scaler=optim.scaler, amp_dtype=optim.amp_dtype, channels_last=cfg.channels_last, print_freq=cfg.print_freq,
-        logger=logger, writer=writer)
+        logger=logger, writer=writer, progress=progress, stop_requested=stop.requested if stop else None)
     logger.info(f"Train result at epoch [{epoch + 1}/{cfg.epochs}]: loss {stats['loss']:.4f} "
                 f"mIoU/mAcc/allAcc {stats['mIoU']:.4f}/{stats['mAcc']:.4f}/{stats['allAcc']:.4f} "
                 f"({format_seconds(time.time() - epoch_start)})")
@@ -560,7 +616,8 @@ def _train(cfg, ctx, status: RunStatus) -> Dict[str, Any]:
     data = build_loaders(cfg, ctx, seed)
     iters_per_epoch = len(data.train_loader)
     max_iter = cfg.epochs * iters_per_epoch
-    logger.info(f"{len(data.train_set)} training images, {data.batch_size} per process per step, "
+    logger.info(f"{len(data.train_set)} training images, batch_size {data.batch_size * ctx.world_size} in total "
+                f"over {ctx.world_size} process(es): {data.batch_size} per process per step, "
                 f"{iters_per_epoch} iterations per epoch, {max_iter} in total")
     if cfg.evaluate:
         logger.info(f"validation every {cfg.val_every} epoch(s) on {validation_protocol(cfg)}")
@@ -568,13 +625,18 @@ def _train(cfg, ctx, status: RunStatus) -> Dict[str, Any]:
     model = build_training_model(cfg, ctx, checkpoint is not None, logger)
     optim = build_optimization(cfg, ctx, model, iters_per_epoch)
     start_epoch, best_miou = cfg.start_epoch, 0.0
+    resume_progress, resume_rng = None, None  # a mid-epoch checkpoint: where in the epoch, and each rank's RNG
     if checkpoint is not None:
         start_epoch, best_miou = restore_training_state(cfg, checkpoint, resume_path, model, optim, logger)
+        if checkpoint.get("epoch_progress"):
+            resume_progress, resume_rng = mid_epoch_resume_state(checkpoint, resume_path, ctx, iters_per_epoch)
+            logger.info(f"{resume_path} was written mid-epoch: epoch {start_epoch + 1} continues after "
+                        f"{resume_progress['iteration']}/{iters_per_epoch} iterations")
         del checkpoint
     if start_epoch >= cfg.epochs:
         logger.info(f"nothing to do: {start_epoch} epochs already done of {cfg.epochs}")
     # Also right for a run whose length (epochs, batch size, processes) changed since the checkpoint.
-    optim.scheduler.reposition(start_epoch * iters_per_epoch, max_iter)
+    optim.scheduler.reposition(start_epoch * iters_per_epoch + (resume_progress or {}).get("iteration", 0), max_iter)
     train_model = wrap_model(cfg, ctx, model)
 
     writer = None
@@ -586,19 +648,32 @@ def _train(cfg, ctx, status: RunStatus) -> Dict[str, Any]:
     val_stats: Optional[Dict[str, Any]] = None
     last_whole = None  # the whole-image result of the newest model, if measured
     status.epochs = cfg.epochs
+    stop = StopSignals()  # SIGTERM / SIGUSR1 (a cluster preempting the job): finish the iteration, save, exit
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            status.epoch, status.stage = epoch + 1, "training"
-            train_stats = train_epoch(cfg, ctx, train_model, data, optim, epoch, seed, logger, writer)
-            improved, last_whole = False, None
-            if should_validate(cfg, epoch + 1):
-                status.stage = "validating after"
-                val_stats = validate(cfg, ctx, model, data, optim, epoch + 1, logger, writer)
-                last_whole = val_stats if cfg.val_mode == "whole" else None
-                improved = val_stats["mIoU"] > best_miou  # NaN never counts as an improvement
-                best_miou = float(val_stats["mIoU"]) if improved else best_miou
-            status.stage = "saving checkpoints after"
-            save_checkpoints(cfg, ctx, epoch + 1, model, optim, best_miou, improved, logger)
+        with stop:
+            for epoch in range(start_epoch, cfg.epochs):
+                status.epoch, status.stage = epoch + 1, "training"
+                progress = resume_progress if epoch == start_epoch else None
+                try:
+                    train_stats = train_epoch(cfg, ctx, train_model, data, optim, epoch, seed, logger, writer,
+                                              progress=progress, rng=resume_rng if progress else None, stop=stop)
+                except engine.EpochInterrupted as interrupted:
+                    raise save_mid_epoch_and_stop(cfg, ctx, model, optim, epoch, interrupted.progress, best_miou,
+                                                  iters_per_epoch, stop, status, logger) from None
+                improved, last_whole = False, None
+                if should_validate(cfg, epoch + 1):
+                    status.stage = "validating after"
+                    val_stats = validate(cfg, ctx, model, data, optim, epoch + 1, logger, writer)
+                    last_whole = val_stats if cfg.val_mode == "whole" else None
+                    improved = val_stats["mIoU"] > best_miou  # NaN never counts as an improvement
+                    best_miou = float(val_stats["mIoU"]) if improved else best_miou
+                # a stop signal during validation: this epoch's checkpoint is written whatever save_freq says
+                stopping = stop.agree(dist_utils.all_gather_object(stop.signum)) and epoch + 1 < cfg.epochs
+                status.stage = "saving checkpoints after"
+                save_checkpoints(cfg, ctx, epoch + 1, model, optim, best_miou, improved, logger, force=stopping)
+                if stopping:
+                    raise _stopped(stop, f"the end of epoch {epoch + 1}", checkpoint_path(cfg.save_path, epoch + 1),
+                                   status, logger)
         dist_utils.barrier()  # best_mIoU.pth is written before anyone reads it
         status.epoch, status.stage = None, "validating the final and the best model"
         end_results = report_final_and_best(cfg, ctx, model, data, last_whole, logger)
@@ -611,6 +686,44 @@ def _train(cfg, ctx, status: RunStatus) -> Dict[str, Any]:
             "end": end_results, "save_path": cfg.save_path}
 
 
+def mid_epoch_resume_state(checkpoint: dict, path: str, ctx, iters_per_epoch: int):
+    """``(progress, this rank's RNG state)`` of a mid-epoch checkpoint; CheckpointError when this run's
+    layout differs from the one that wrote it (another data order: the position would mean nothing)."""
+    written = (checkpoint.get("world_size"), checkpoint.get("iters_per_epoch"))
+    if written != (ctx.world_size, iters_per_epoch):
+        raise CheckpointError(
+            f"{path} was written in the middle of an epoch by a run of {written[0]} process(es) with {written[1]} "
+            f"iterations per epoch; this run has {ctx.world_size} and {iters_per_epoch}: resume it with the same "
+            f"number of processes and batch_size, or resume a train_epoch_N.pth instead")
+    return checkpoint["epoch_progress"], checkpoint["rng_states"][ctx.rank]
+
+
+def save_mid_epoch_and_stop(cfg, ctx, model, optim: Optimization, epoch: int, progress: Dict, best_miou: float,
+                            iters_per_epoch: int, stop: StopSignals, status: RunStatus, logger) -> TrainingStopped:
+    """After a stop signal in the middle of ``epoch`` (0-based): rank 0 writes the mid-epoch checkpoint
+    with every rank's random state; returns the TrainingStopped every rank raises."""
+    stop.agree(dist_utils.all_gather_object(stop.signum))
+    rng_states = dist_utils.all_gather_object(rng_state(ctx.device))
+    path = checkpoint_path(cfg.save_path, epoch, progress["iteration"])
+    if ctx.is_main:
+        checkpoint = make_checkpoint(epoch, model, optim.optimizer, optim.scheduler, optim.scaler, best_miou, cfg)
+        checkpoint["val_protocol"] = validation_protocol(cfg) if cfg.evaluate else None
+        save_training_checkpoint(add_mid_epoch_state(checkpoint, progress, rng_states, iters_per_epoch), path)
+        prune_checkpoints(cfg.save_path, cfg.keep_checkpoints)
+    return _stopped(stop, f"epoch {epoch + 1}, iteration {progress['iteration']}/{iters_per_epoch}", path, status,
+                    logger)
+
+
+def _stopped(stop: StopSignals, where: str, path: str, status: RunStatus, logger) -> TrainingStopped:
+    """Every rank waits for rank 0's checkpoint write, then leaves with 128 + the signal's number.
+    (Rank 0 logs first: srun --kill-on-bad-exit ends the others as soon as one exits.)"""
+    message = (f"{stop.name} received: stopped at {where}; saved {path}; resume with: "
+               f"{status.resume_command()}")
+    logger.info(message)
+    dist_utils.barrier()
+    return TrainingStopped(message, stop.exit_status)
+
+
 # ---------------------------------------------------------------------------------------------
 # Entry points
 
@@ -618,17 +731,36 @@ def _train(cfg, ctx, status: RunStatus) -> Dict[str, Any]:
 def _spawned_process(spawn_index: int, config_path: str, opts: List[str]) -> None:
     """Body of each process in the release's spawn mode (runs in a fresh interpreter)."""
     cfg = load_cfg(config_path, opts)
-    run(cfg, spawn_index=spawn_index, status=RunStatus(cfg.save_path, config_path, list(opts)))
+    try:
+        run(cfg, spawn_index=spawn_index, status=RunStatus(cfg.save_path, config_path, list(opts)))
+    except TrainingStopped as stopped:
+        sys.exit(stopped.exit_status)  # the parent reports it
 
 
 def launch_spawned(cfg, config_path: str, opts: List[str]) -> None:
-    """One process per ``train_gpu`` entry, rendezvous at ``dist_url`` (tcp://HOST:PORT or env://)."""
+    """One process per ``train_gpu`` entry, rendezvous at ``dist_url`` (tcp://HOST:PORT or env://).
+
+    A stop signal sent to this parent only is passed on to the children, which save and exit."""
     import torch.multiprocessing as mp
 
     address, port = dist_utils.rendezvous_address(cfg.dist_url, nodes=int(cfg.world_size))
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = address, str(port)
     per_node, _ = dist_utils.spawn_world(cfg)
-    mp.spawn(_spawned_process, nprocs=per_node, args=(config_path, list(opts)), join=True)
+    with StopSignals() as stop:
+        context = mp.start_processes(_spawned_process, nprocs=per_node, args=(config_path, list(opts)), join=False)
+        forwarded = False
+        try:
+            while not context.join(timeout=1):
+                if stop.requested() and not forwarded:
+                    for process in context.processes:
+                        if process.is_alive():
+                            os.kill(process.pid, stop.signum)
+                    forwarded = True
+        except mp.ProcessExitedException as exited:
+            if exited.exit_code not in [128 + int(signum) for signum in STOP_SIGNALS]:
+                raise
+            raise TrainingStopped(f"the spawned processes stopped on a signal and saved a checkpoint in "
+                                  f"{cfg.save_path}; 'resume auto' continues from it", exited.exit_code) from None
 
 
 def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
@@ -640,7 +772,8 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
     """
     args = build_arg_parser().parse_args(argv)
     cfg = load_cfg(args.config, args.opts)
-    check_run_config(cfg)
+    if dist_utils.launcher_world_size() == 1:  # else every rank checks in run(), together
+        check_run_config(cfg)
     status = RunStatus(cfg.save_path, args.config, list(args.opts))
     try:
         if dist_utils.should_spawn(cfg):

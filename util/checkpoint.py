@@ -356,12 +356,30 @@ def _fsync_directory(directory: str) -> None:
 # Training checkpoints of tool/train.py: train_epoch_N.pth and best_mIoU.pth in save_path
 
 EPOCH_CHECKPOINT_PATTERN = re.compile(r"^train_epoch_(\d+)\.pth$")
+# Written when training is stopped by a signal in the middle of epoch E after I of its iterations
+# (the log's "Epoch: [E/..][I/..]"); it holds epoch E - 1 (epochs done) and iteration I.
+MID_EPOCH_CHECKPOINT_PATTERN = re.compile(r"^train_epoch_(\d+)_iter_(\d+)\.pth$")
 BEST_CHECKPOINT = "best_mIoU.pth"
 
 
-def checkpoint_path(save_path: PathLike, epoch: int) -> str:
-    """``save_path/train_epoch_{epoch}.pth``."""
-    return os.path.join(os.fspath(save_path), f"train_epoch_{epoch}.pth")
+def checkpoint_path(save_path: PathLike, epoch: int, iteration: int = 0) -> str:
+    """``save_path/train_epoch_{epoch}.pth`` after ``epoch`` whole epochs; with ``iteration`` > 0 the
+    mid-epoch ``train_epoch_{epoch + 1}_iter_{iteration}.pth`` (``iteration`` done of epoch ``epoch + 1``)."""
+    name = f"train_epoch_{epoch + 1}_iter_{iteration}.pth" if iteration else f"train_epoch_{epoch}.pth"
+    return os.path.join(os.fspath(save_path), name)
+
+
+def list_training_checkpoints(save_path: PathLike) -> List[Tuple[Tuple[int, int], str]]:
+    """``[((epochs done, iterations done in the next epoch), path), ...]`` of every training checkpoint
+    in ``save_path`` (whole-epoch and mid-epoch), oldest first."""
+    save_path = os.fspath(save_path)
+    found = [((epoch, 0), path) for epoch, path in list_epoch_checkpoints(save_path)]
+    if os.path.isdir(save_path):
+        for name in os.listdir(save_path):
+            match = MID_EPOCH_CHECKPOINT_PATTERN.match(name)
+            if match and int(match.group(1)) >= 1:
+                found.append(((int(match.group(1)) - 1, int(match.group(2))), os.path.join(save_path, name)))
+    return sorted(found)
 
 
 def list_epoch_checkpoints(save_path: PathLike) -> List[Tuple[int, str]]:
@@ -378,8 +396,12 @@ def list_epoch_checkpoints(save_path: PathLike) -> List[Tuple[int, str]]:
 
 
 def prune_checkpoints(save_path: PathLike, keep: int) -> None:
-    """Delete all but the newest ``keep`` ``train_epoch_N.pth`` files (never ``best_mIoU.pth``)."""
-    for _, path in list_epoch_checkpoints(save_path)[:-keep]:
+    """Delete all but the newest ``keep`` ``train_epoch_N.pth`` files (never ``best_mIoU.pth``), and every
+    mid-epoch checkpoint older than the newest training checkpoint (it is only there to be resumed)."""
+    newest = list_training_checkpoints(save_path)[-1:]
+    stale = [path for position, path in list_training_checkpoints(save_path)
+             if MID_EPOCH_CHECKPOINT_PATTERN.match(os.path.basename(path)) and position < newest[0][0]]
+    for path in [path for _, path in list_epoch_checkpoints(save_path)[:-keep]] + stale:
         try:
             os.remove(path)
         except FileNotFoundError:  # another process (or a user) removed it first
@@ -387,12 +409,12 @@ def prune_checkpoints(save_path: PathLike, keep: int) -> None:
 
 
 def find_resume_checkpoint(resume: Optional[str], save_path: PathLike) -> Optional[str]:
-    """The file a run resumes from: None without ``resume``; for ``"auto"`` the newest
-    ``train_epoch_N.pth`` in ``save_path`` (None when there is none yet); else ``resume`` itself."""
+    """The file a run resumes from: None without ``resume``; for ``"auto"`` the newest training
+    checkpoint in ``save_path``, whole-epoch or mid-epoch (None when there is none yet); else ``resume``."""
     if not resume:
         return None
     if resume == "auto":
-        found = list_epoch_checkpoints(save_path)
+        found = list_training_checkpoints(save_path)
         return found[-1][1] if found else None
     return resume
 
@@ -412,6 +434,16 @@ def make_checkpoint(epoch: int, model: nn.Module, optimizer, scheduler, scaler, 
         "best_mIoU": float(best_miou),
         "cfg": cfg.to_dict(),
     }
+
+
+def add_mid_epoch_state(checkpoint: dict, progress: dict, rng_states: List[dict], iters_per_epoch: int) -> dict:
+    """Make ``checkpoint`` (of ``epoch`` whole epochs) a mid-epoch one: ``epoch_progress`` (iterations of
+    the next epoch done and that epoch's summed statistics so far, util.engine.EpochInterrupted), each
+    rank's random-number state (``rng_states[rank]``), and the layout they hold for (processes,
+    iterations per epoch)."""
+    checkpoint.update(epoch_progress=progress, rng_states=list(rng_states), world_size=len(rng_states),
+                      iters_per_epoch=int(iters_per_epoch))
+    return checkpoint
 
 
 def check_training_checkpoint(checkpoint: Any, path: str) -> None:
@@ -440,5 +472,5 @@ __all__ = ["CheckpointError", "load_checkpoint_file", "extract_state_dict", "str
            "add_module_prefix", "unwrap_model", "describe_mismatch", "load_model_weights",
            "imagenet_to_segmentation_keys", "load_pretrained_backbone", "save_checkpoint",
            "remove_stale_temporaries", "BEST_CHECKPOINT", "checkpoint_path", "list_epoch_checkpoints",
-           "prune_checkpoints", "find_resume_checkpoint", "make_checkpoint", "check_training_checkpoint",
-           "save_training_checkpoint"]
+           "list_training_checkpoints", "prune_checkpoints", "find_resume_checkpoint", "make_checkpoint",
+           "add_mid_epoch_state", "check_training_checkpoint", "save_training_checkpoint"]

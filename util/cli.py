@@ -5,7 +5,9 @@ not a traceback; a bug should still show its traceback. ``run_cli`` draws that l
 codebase raises on purpose (bad config, bad data, bad checkpoint, diverged loss) are printed as one
 line, anything else propagates.
 """
+import signal
 import sys
+import threading
 from typing import Callable, Optional
 
 from util.config import ConfigError
@@ -45,6 +47,9 @@ def run_cli(main: Callable[[], Optional[object]]) -> int:
     except reported_errors() as exc:
         print(f"error: {one_line_reason(exc)}", file=sys.stderr)
         return EXIT_ERROR
+    except TrainingStopped as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return exc.exit_status
     return status if isinstance(status, int) else 0
 
 
@@ -54,3 +59,69 @@ def exit_with(main: Callable[[], Optional[object]]) -> None:
 
     keep_freed_memory_for_reuse()  # CPU: reuse freed activation memory instead of fresh page faults
     sys.exit(run_cli(main))
+
+
+# ---------------------------------------------------------------------------------------------
+# Preemption: a cluster asks a job to stop (SIGTERM; SIGUSR1 ahead of the time limit with
+# sbatch --signal) and requeues it. Training finishes its iteration, writes a resumable checkpoint
+# and exits with 128 + the signal's number, as a shell reports a process ended by that signal.
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopSignals:
+    """While active (``with StopSignals() as stop:``), SIGTERM and SIGUSR1 set ``stop.signum`` instead
+    of ending the process; the training loop polls :meth:`requested` between iterations. The previous
+    handlers are restored on exit. Only the main thread can install handlers (Python's rule)."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # elsewhere: inactive, never requested
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum  # only a flag: logging or I/O inside a signal handler is not safe
+
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def agree(self, signums) -> bool:
+        """Adopt the first signal another process received (``signums``: every process's ``signum``), so
+        all of them report and exit alike; True when any process received one."""
+        if self.signum is None:
+            self.signum = next((signum for signum in signums if signum is not None), None)
+        return self.requested()
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + int(self.signum or 0)
+
+
+class TrainingStopped(Exception):
+    """Training stopped on a stop signal after writing a checkpoint; ``run_cli`` exits with ``exit_status``."""
+
+    def __init__(self, message: str, exit_status: int) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """``worker_init_fn`` of training DataLoaders: a cluster signals every process of the job, and a
+    worker that died of it would fail the iteration the main process is finishing before it saves."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)

@@ -22,6 +22,7 @@ peer makes the survivors fail instead of waiting forever.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -34,7 +35,7 @@ from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler, Sampler
 
 from util.config import ConfigError
 
@@ -281,7 +282,9 @@ def init_distributed(cfg, spawn_index: Optional[int] = None) -> DistContext:
         local_rank = int(os.environ["SLURM_LOCALID"])
         os.environ["MASTER_ADDR"], port = slurm_rendezvous()
         os.environ["MASTER_PORT"] = str(port)
-        device = _cuda_device(local_rank) if use_cuda else torch.device("cpu")
+        # A cluster that binds one GPU per task (--gpus-per-task=1) shows each task only its own.
+        gpu_index = local_rank if not use_cuda or torch.cuda.device_count() > 1 else 0
+        device = _cuda_device(gpu_index) if use_cuda else torch.device("cpu")
     else:
         # A single process (also one srun task): no process group at all.
         device = _cuda_device(int(train_gpu[0])) if use_cuda else torch.device("cpu")
@@ -338,6 +341,25 @@ def broadcast_object(value, src: int = 0):
     return box[0]
 
 
+def problems_on_any_rank(problem: Optional[str]) -> List[str]:
+    """Every rank's ``problem`` (None when its check passed) as ``"rank R on HOST: problem"``; the same
+    list on every rank, so a check that fails on one node only (a file it does not have) stops all
+    ranks at once instead of leaving the others in their next collective until ``dist_timeout``."""
+    if not is_distributed():
+        return [problem] if problem else []
+    gathered = all_gather_object((socket.gethostname(), problem))
+    return [f"rank {rank} on {host}: {found}" for rank, (host, found) in enumerate(gathered) if found]
+
+
+def all_gather_object(value) -> list:
+    """``[value of rank 0, value of rank 1, ...]`` on every process (``[value]`` when not distributed)."""
+    if not is_distributed():
+        return [value]
+    gathered = [None] * get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
@@ -347,6 +369,26 @@ def cleanup() -> None:
     """Leave the process group (safe to call when none was initialised)."""
     if is_distributed():
         dist.destroy_process_group()
+
+
+class TrainSampler(DistributedSampler):
+    """``DistributedSampler`` (shuffled by ``seed`` and epoch) that can start an epoch part-way:
+    ``set_epoch(epoch, start=k)`` skips this process's first ``k`` indices, the batches an
+    interrupted run already trained on, so the rest of the epoch sees exactly the same data."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start = int(start)
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start)
 
 
 class ShardSampler(Sampler[int]):

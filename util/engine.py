@@ -22,7 +22,7 @@ from torch import nn
 from util.config import check_choice, register_keys, require
 from util.distributed import all_reduce_sum, get_rank
 from util.losses import match_target_size
-from util.metrics import confusion_matrix, metrics_from_confusion
+from util.metrics import class_range_error, confusion_counts, confusion_matrix, metrics_from_confusion
 from util.misc import AverageMeter, format_seconds
 from util.precision import autocast
 
@@ -53,6 +53,16 @@ register_keys("TRAIN", {
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the run stops (the last saved checkpoint is kept)."""
+
+
+class EpochInterrupted(Exception):
+    """:func:`train_one_epoch` stopped early because a process asked to (every rank stops after the same
+    iteration). ``progress`` is what continuing the epoch needs: ``dict(iteration, loss_sums, confusion)``
+    (iterations done, the summed statistics so far, on the CPU); pass it back as ``progress``."""
+
+    def __init__(self, progress: Dict) -> None:
+        super().__init__(f"stopped after iteration {progress['iteration']}")
+        self.progress = progress
 
 
 def _to_device(image: torch.Tensor, target: torch.Tensor, device: torch.device, channels_last: bool):
@@ -97,7 +107,8 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
                     num_classes: int, ignore_index: int = 255,
                     scaler: Optional[torch.amp.GradScaler] = None, amp_dtype: Optional[torch.dtype] = None,
                     channels_last: bool = True, print_freq: int = 10,
-                    logger: Optional[logging.Logger] = None, writer=None) -> Dict[str, float]:
+                    logger: Optional[logging.Logger] = None, writer=None, progress: Optional[Dict] = None,
+                    stop_requested: Optional[Callable[[], bool]] = None) -> Dict[str, float]:
     """Train ``model`` for one pass over ``loader``.
 
     Args:
@@ -116,6 +127,11 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
         print_freq: a progress line every ``print_freq`` iterations (rank 0 only).
         writer: tensorboardX SummaryWriter on rank 0 (None elsewhere); gets the
             release's per-batch scalars at the global iteration number.
+        progress: continue an interrupted epoch (:class:`EpochInterrupted`'s ``progress``);
+            ``loader`` then yields only the batches after ``progress['iteration']``.
+        stop_requested: polled every iteration; when it is True on any process, every
+            process stops after that same iteration (the flag rides on the iteration's
+            one collective) by raising :class:`EpochInterrupted`.
 
     Returns:
         ``dict(loss, main_loss, aux_loss, mIoU, mAcc, allAcc)`` over the whole
@@ -129,14 +145,18 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
     is_main = get_rank() == 0
     aux_weight = criterion.aux_weight
     model.train()
-    iters_per_epoch = len(loader)
+    start_iteration = int(progress["iteration"]) if progress else 0
+    iters_per_epoch = start_iteration + len(loader)
     epoch_cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     loss_sums = torch.zeros(3, dtype=torch.float64, device=device)  # main*n, aux*n, n over the epoch
+    if progress:
+        epoch_cm += progress["confusion"].to(device)
+        loss_sums += progress["loss_sums"].to(device)
     data_time, batch_time = AverageMeter(), AverageMeter()
     main_meter, aux_meter, loss_meter = AverageMeter(), AverageMeter(), AverageMeter()
 
     end = time.time()
-    for i, (image, target) in enumerate(loader):
+    for i, (image, target) in enumerate(loader, start_iteration):
         data_time.update(time.time() - end)
         image, target = _to_device(image, target, device, channels_last)
         optimizer.zero_grad(set_to_none=True)
@@ -149,17 +169,24 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
         else:
             loss.backward()
 
-        # One collective per iteration carries the loss sums and this batch's
-        # confusion matrix (float64 holds pixel counts exactly up to 2**53).
+        # One collective per iteration carries the loss sums, the stop flag, the count of class ids
+        # out of range and this batch's confusion matrix (float64 holds pixel counts exactly up to
+        # 2**53); its copy to the host is the iteration's one host-device sync. Nothing before it
+        # waits for the GPU: confusion_counts checks nothing itself, and torch.full fills on the device.
         n = image.shape[0]
-        batch_cm = confusion_matrix(logits.detach().argmax(1), target_main, num_classes, ignore_index)
-        packed = torch.cat([torch.stack([main_loss.detach().double() * n, aux_loss.detach().double() * n,
-                                         torch.tensor(float(n), dtype=torch.float64, device=device)]),
-                            batch_cm.reshape(-1).double()])
+        batch_cm, out_of_range = confusion_counts(logits.detach().argmax(1), target_main, num_classes, ignore_index)
+        stop = bool(stop_requested is not None and stop_requested())
+        flags = torch.full((2,), float(n), dtype=torch.float64, device=device)
+        flags[1] = float(stop)
+        packed = torch.cat([main_loss.detach().double().reshape(1) * n, aux_loss.detach().double().reshape(1) * n,
+                            flags, out_of_range.double().reshape(1), batch_cm.reshape(-1).double()])
         all_reduce_sum(packed)
-        batch_losses = packed[:3].cpu()  # the one host sync of the iteration
-        main_avg = batch_losses[0].item() / batch_losses[2].item()
-        aux_avg = batch_losses[1].item() / batch_losses[2].item()
+        host = packed.cpu()  # the one host sync of the iteration
+        if host[4].item() > 0:
+            raise (class_range_error(logits.argmax(1), target_main, num_classes, ignore_index) if out_of_range.item()
+                   else ValueError(f"another process found class ids outside [0, {num_classes}) in its batch"))
+        main_avg = host[0].item() / host[2].item()
+        aux_avg = host[1].item() / host[2].item()
         total_avg = main_avg + aux_weight * aux_avg
         if not math.isfinite(total_avg):
             raise NonFiniteLossError(
@@ -174,19 +201,18 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
             optimizer.step()
         scheduler.step()
 
-        batch_cm_global = packed[3:].round().long().reshape(num_classes, num_classes)
-        epoch_cm += batch_cm_global
+        epoch_cm += packed[5:].round().long().reshape(num_classes, num_classes)
         loss_sums += packed[:3]
-        main_meter.update(main_avg, int(batch_losses[2].item()))
-        aux_meter.update(aux_avg, int(batch_losses[2].item()))
-        loss_meter.update(total_avg, int(batch_losses[2].item()))
+        main_meter.update(main_avg, int(host[2].item()))
+        aux_meter.update(aux_avg, int(host[2].item()))
+        loss_meter.update(total_avg, int(host[2].item()))
         batch_time.update(time.time() - end)
         end = time.time()
 
         current_iter = epoch * iters_per_epoch + i + 1
         need_batch_metrics = is_main and (writer is not None or (i + 1) % print_freq == 0)
         if need_batch_metrics:
-            batch_metrics = metrics_from_confusion(batch_cm_global)
+            batch_metrics = metrics_from_confusion(host[5:].round().long().reshape(num_classes, num_classes))
         if is_main and logger is not None and (i + 1) % print_freq == 0:
             remaining = max_epochs * iters_per_epoch - current_iter
             logger.info(
@@ -203,6 +229,8 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
             writer.add_scalar("mIoU_train_batch", batch_metrics["mIoU"], current_iter)
             writer.add_scalar("mAcc_train_batch", batch_metrics["mAcc"], current_iter)
             writer.add_scalar("allAcc_train_batch", batch_metrics["allAcc"], current_iter)
+        if host[3].item() > 0:  # a process was asked to stop: all stop here, with what resuming needs
+            raise EpochInterrupted(dict(iteration=i + 1, loss_sums=loss_sums.cpu(), confusion=epoch_cm.cpu()))
 
     # The per-iteration reduction already made these global.
     sums = loss_sums.cpu()

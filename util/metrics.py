@@ -7,7 +7,7 @@ end, so per-batch and per-image accumulation give identical results.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Union
+from typing import Dict, List, Tuple, Union
 
 import numpy as np
 import torch
@@ -33,6 +33,18 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
             ``[0, C)`` (a wrong ``classes`` setting or an unconverted label map
             would otherwise be silently miscounted).
     """
+    counts, out_of_range = confusion_counts(pred, target, num_classes, ignore_index)
+    if out_of_range.item():  # the one device sync of the check
+        raise class_range_error(pred, target, num_classes, ignore_index)
+    return counts
+
+
+def confusion_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int = 255) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`confusion_matrix` without the check, and without any host-device synchronisation (a
+    training step checks later, when it syncs anyway): ``(counts (C, C) int64, number of scored pixels
+    whose target or prediction lies outside [0, C) as a 0-dim int64 tensor)``. Such pixels are not
+    counted. (Boolean indexing and ``bincount`` on CUDA would each wait for the GPU.)"""
     pred = torch.as_tensor(pred)
     target = torch.as_tensor(target, device=pred.device)
     if pred.numel() != target.numel():
@@ -40,18 +52,25 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
                          f"{target.numel()} ({tuple(target.shape)})")
     pred = pred.reshape(-1).long()
     target = target.reshape(-1).long()
-    keep = target != ignore_index
-    pred = pred[keep]
-    target = target[keep]
-    # One device sync for the whole check (this runs once per training batch too).
-    out_of_range = (target < 0) | (target >= num_classes) | (pred < 0) | (pred >= num_classes)
-    if bool(out_of_range.any()):
-        bad = torch.cat([target[out_of_range], pred[out_of_range]])
-        raise ValueError(f"class ids must lie in [0, {num_classes}) (ignore {ignore_index}); found values in "
-                         f"[{int(bad.min())}, {int(bad.max())}] among labels/predictions: check 'classes' and "
-                         f"the label format")
-    counts = torch.bincount(target * num_classes + pred, minlength=num_classes * num_classes)
-    return counts.reshape(num_classes, num_classes)
+    scored = target != ignore_index
+    valid = scored & (target >= 0) & (target < num_classes) & (pred >= 0) & (pred < num_classes)
+    cells = num_classes * num_classes
+    index = torch.where(valid, target * num_classes + pred, cells)  # the rest go to a spare bin
+    counts = torch.zeros(cells + 1, dtype=torch.int64, device=pred.device)
+    counts.scatter_add_(0, index, torch.ones_like(index))
+    return counts[:cells].reshape(num_classes, num_classes), (scored & ~valid).sum()
+
+
+def class_range_error(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> ValueError:
+    """The error for scored pixels outside ``[0, num_classes)``, naming the range of values found."""
+    pred = torch.as_tensor(pred).reshape(-1).long()
+    target = torch.as_tensor(target, device=pred.device).reshape(-1).long()
+    scored = target != ignore_index
+    bad = torch.cat([target[scored & ((target < 0) | (target >= num_classes))],
+                     pred[scored & ((pred < 0) | (pred >= num_classes))]])
+    return ValueError(f"class ids must lie in [0, {num_classes}) (ignore {ignore_index}); found values in "
+                      f"[{int(bad.min())}, {int(bad.max())}] among labels/predictions: check 'classes' and "
+                      f"the label format")
 
 
 def _nanmean(values: np.ndarray) -> float:

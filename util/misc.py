@@ -80,3 +80,19 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def rng_state(device: torch.device) -> dict:
+    """torch's random-number state on the CPU (and ``device`` when it is a GPU): what dropout draws from.
+    (Python's and NumPy's are reseeded per sample by the dataset.)"""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(state: dict, device: torch.device) -> None:
+    """Undo :func:`rng_state`: the draws continue exactly where they were saved."""
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -40,7 +40,12 @@ def autocast(device_type: str, dtype: Optional[torch.dtype]):
 
 
 def check_device_support(cfg, device_type: str) -> None:
-    """Combinations that depend on the machine: fp16 needs CUDA (there is no fp16 training path on CPU)."""
+    """Combinations that depend on the machine: fp16 needs CUDA (there is no fp16 training path on CPU);
+    bf16 on CUDA needs a GPU that computes in bfloat16 (Ampere or newer)."""
     if cfg.precision == "fp16" and device_type != "cuda":
         raise ConfigError("precision fp16 needs a CUDA device (it trains with a gradient scaler on the GPU); "
                           "on the CPU use precision bf16 or fp32")
+    # Emulated bf16 (pre-Ampere GPUs) runs, but slower than fp32: only native support counts.
+    if cfg.precision == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise ConfigError(f"precision bf16: this GPU ({torch.cuda.get_device_name()}) has no native bfloat16 "
+                          f"support (Ampere or newer has); use precision fp16 or fp32")
