@@ -64,7 +64,8 @@ def make_grid(rows: List[List[np.ndarray]], titles: Sequence[str]) -> np.ndarray
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     def add_flags(parser):
-        parser.add_argument("--model", help="checkpoint (default: the config's model_path)")
+        parser.add_argument("--model", help="checkpoint (default: the config's model_path, else the run's "
+                                                 "train_epoch_{epochs}.pth in save_path)")
         parser.add_argument("--list", help="list file of images and labels (default: the config's test_list)")
         parser.add_argument("--num", type=int, default=4, help="number of images (rows), default 4")
         parser.add_argument("--start", type=int, default=0, help="first list entry to draw, default 0")
@@ -81,6 +82,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from util.misc import select_device
     from util.visualize import colorize, config_palette
 
+    from util.runs import resolve_test_paths
+
+    resolve_test_paths(cfg)  # an empty model_path: the run's last checkpoint, as tool/test.py
     model_path = args.model or cfg.model_path
     list_path = args.list or cfg.test_list
     if not model_path or not list_path:

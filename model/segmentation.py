@@ -85,6 +85,18 @@ class SegmentationModel(nn.Module):
     def backbone_modules(self) -> List[nn.Module]:
         return [self.layer0, self.layer1, self.layer2, self.layer3, self.layer4]
 
+    def classifier_layers(self) -> List[str]:
+        """Names of the final layers that output one channel per class, of the main head and the auxiliary
+        classifier (``cls.1``, ``aux.4``): the layers fine-tuning on another number of classes replaces.
+        Found as the last convolution of each of :meth:`head_modules`, so a registered head needs nothing more."""
+        names = {module: name for name, module in self.named_modules()}
+        found = []
+        for head in self.head_modules():
+            convolutions = [module for module in head.modules() if isinstance(module, nn.Conv2d)]
+            if convolutions and convolutions[-1].out_channels == self.classes:
+                found.append(names[convolutions[-1]])
+        return found
+
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         size = output_size(x.shape[-2], x.shape[-1], self.zoom_factor)
         x = self.layer2(self.layer1(self.layer0(x)))

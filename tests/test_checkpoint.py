@@ -341,3 +341,36 @@ def test_training_checkpoint_round_trip_and_check(tmp_path):
     blocker.write_text("")
     with pytest.raises(CheckpointError, match="could not write checkpoint .*resume auto"):
         save_training_checkpoint(checkpoint, blocker / "train_epoch_4.pth")  # parent is a file
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning across class counts (weight PATH)
+
+
+def test_fine_tuning_loads_everything_but_the_classifiers_of_another_class_count():
+    from util.checkpoint import load_weights_for_fine_tuning
+
+    source = randomized(build_model(make_cfg(classes=5, backbone_output_stride=32)), seed=1)
+    file_state = {"state_dict": add_module_prefix(source.state_dict())}
+    model = build_model(make_cfg(classes=3, backbone_output_stride=32))
+    assert model.classifier_layers() == ["cls.1", "aux.4"]
+    fresh = {key: value.clone() for key, value in model.state_dict().items()}
+    assert load_weights_for_fine_tuning(model, file_state, source="ade.pth") == ["cls.1", "aux.4"]
+    reinitialised = {"cls.1.weight", "cls.1.bias", "aux.4.weight", "aux.4.bias"}
+    for key, value in model.state_dict().items():
+        expected = fresh[key] if key in reinitialised else source.state_dict()[key]
+        assert torch.equal(value, expected), key
+    # the same class count: every tensor is the file's, nothing re-initialised
+    same = build_model(make_cfg(classes=5, backbone_output_stride=32))
+    assert load_weights_for_fine_tuning(same, file_state) == []
+    assert all(torch.equal(value, source.state_dict()[key]) for key, value in same.state_dict().items())
+
+
+@pytest.mark.parametrize("other", [dict(arch="psp"), dict(layers=101), dict(backbone_net="pyconvresnet")])
+def test_fine_tuning_still_refuses_another_network(other):
+    from util.checkpoint import load_weights_for_fine_tuning
+
+    model = meta_model(classes=3)
+    state = meta_model(classes=150, **other).state_dict()
+    with pytest.raises(CheckpointError, match="does not match the model beyond its number of classes"):
+        load_weights_for_fine_tuning(model, state, source="other.pth")

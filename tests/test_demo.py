@@ -17,6 +17,7 @@ import pytest
 from tiny_runs import load_script
 from util.config import load_cfg
 from util.dataset import read_colors, read_list, read_names
+from util.runs import resolve_test_paths
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "config" / "demo" / "demo_pyconvresnet50_pyconvsegnet.yaml"
@@ -93,10 +94,12 @@ def test_demo_config_matches_the_demo_data_and_tools():
     names = read_names(REPO_ROOT / cfg.names_path, cfg.classes)
     assert names == ["background", "disc", "rectangle", "triangle"]
     assert read_colors(REPO_ROOT / cfg.colors_path, cfg.classes).shape == (4, 3)
-    # test.sh evaluates the checkpoint train.sh writes last.
+    # test.sh evaluates the checkpoint train.sh writes last, and writes the results beside the run.
     assert cfg.save_path == "exp/demo/pyconvresnet50_pyconvsegnet/model"
+    assert not cfg.model_path and not cfg.save_folder
+    resolve_test_paths(cfg)
     assert cfg.model_path == f"{cfg.save_path}/train_epoch_{cfg.epochs}.pth"
-    assert cfg.save_folder.startswith("exp/demo/pyconvresnet50_pyconvsegnet/result/")
+    assert cfg.save_folder == f"exp/demo/pyconvresnet50_pyconvsegnet/result/epoch_{cfg.epochs}/val/ss"
     assert not cfg.pretrained and cfg.arch == "pyconvsegnet" and cfg.backbone_net == "pyconvresnet"
 
 

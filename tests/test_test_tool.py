@@ -213,26 +213,33 @@ def test_camvid_two_val_images(camvid_root, synthetic, tmp_path):
     assert metrics["mIoU"] == pytest.approx(expected["mIoU"]) and metrics["allAcc"] == pytest.approx(expected["allAcc"])
 
 
-def test_test_sh_usage_and_invocation(tmp_path):
-    """The wrapper's argument handling, with a stub interpreter in a scratch copy of the layout."""
-    usage = subprocess.run(["bash", str(REPO_ROOT / "tool/test.sh")], capture_output=True, text=True)
-    assert usage.returncode != 0 and "usage" in usage.stderr
-    (tmp_path / "tool").mkdir()
-    shutil.copy(REPO_ROOT / "tool/test.sh", tmp_path / "tool/test.sh")
-    (tmp_path / "config/toy").mkdir(parents=True)
-    (tmp_path / "config/toy/toy_net.yaml").write_text("DATA:\n  classes: 3\n")
+@pytest.mark.parametrize("shell", ["sh", "dash", "bash"])
+def test_test_sh_usage_and_invocation(tmp_path, shell):
+    """The wrapper under POSIX sh (dash rejects bash-only syntax), run from another directory: the repository's
+    config, the user's KEY VALUE pairs passed unchanged (so relative paths stay the user's)."""
+    if not shutil.which(shell):
+        pytest.skip(f"{shell} not installed")
+    usage = subprocess.run([shell, str(REPO_ROOT / "tool/test.sh")], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage" in usage.stderr
+    repo = tmp_path / "repo"
+    (repo / "tool").mkdir(parents=True)
+    shutil.copy(REPO_ROOT / "tool/test.sh", repo / "tool/test.sh")
+    (repo / "config/toy").mkdir(parents=True)
+    (repo / "config/toy/toy_net.yaml").write_text("DATA:\n  classes: 3\n")
     stub = tmp_path / "stub.sh"
-    stub.write_text("#!/usr/bin/env bash\necho \"ARGS $*\"\n")
+    stub.write_text("#!/bin/sh\necho \"ARGS $*\"\n")
     stub.chmod(0o755)
-    result = subprocess.run(["bash", str(tmp_path / "tool/test.sh"), "toy", "net", "scales", "[1.0]"],
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run([shell, str(repo / "tool/test.sh"), "toy", "net", "scales", "[1.0]", "model_path",
+                             "run1/model/train_epoch_2.pth"], cwd=elsewhere,
                             env=dict(os.environ, PYTHON=str(stub)), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "ARGS -u tool/test.py --config config/toy/toy_net.yaml scales [1.0]" in result.stdout
-    assert (tmp_path / "exp/toy/net/toy_net.yaml").is_file()
-    logs = list((tmp_path / "exp/toy/net/result").glob("test-*.log"))
-    assert len(logs) == 1 and "ARGS" in logs[0].read_text()
-    missing = subprocess.run(["bash", str(tmp_path / "tool/test.sh"), "toy", "nope"], capture_output=True, text=True)
-    assert missing.returncode != 0 and "config not found" in missing.stderr
+    assert (f"ARGS -u {repo / 'tool/test.py'} --config {repo / 'config/toy/toy_net.yaml'} scales [1.0] "
+            f"model_path run1/model/train_epoch_2.pth") in result.stdout
+    assert list(elsewhere.iterdir()) == [] and not (repo / "exp").exists()
+    missing = subprocess.run([shell, str(repo / "tool/test.sh"), "toy", "nope"], capture_output=True, text=True)
+    assert missing.returncode == 2 and "config not found" in missing.stderr
 
 
 def test_demo_writes_three_pngs(synthetic, tmp_path):
@@ -248,3 +255,43 @@ def test_demo_writes_three_pngs(synthetic, tmp_path):
     assert np.array_equal(gray, predict_multiscale(model, image, **inference_kwargs(cfg)).numpy())
     for kind in ("color", "overlay"):
         assert cv2.imread(str(tmp_path / f"img0_{kind}.png")).shape == (60, 80, 3)
+
+
+def test_demo_on_a_folder_and_on_a_video(synthetic, tmp_path, capsys):
+    """Issue 17 point 13: a folder gives the three PNGs per image, a video an overlay video of every frame,
+    both with progress lines; the same network and windows as for one image."""
+    from tool.demo import main
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index in (0, 1, 2):  # one colour, one gray, one more colour image
+        image = cv2.imread(str(synthetic / f"images/img{index}.png"))
+        if index == 1:
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+        cv2.imwrite(str(folder / f"p{index}.png"), image)
+    (folder / "notes.txt").write_text("not an image")
+    assert main(_argv(synthetic, "--image", folder, "--output", tmp_path / "out")) == 0
+    for index in (0, 1, 2):
+        for kind in ("gray", "color", "overlay"):
+            assert (tmp_path / "out" / f"p{index}_{kind}.png").is_file()
+    single = tmp_path / "single"
+    assert main(_argv(synthetic, "--image", folder / "p0.png", "--output", single)) == 0
+    assert np.array_equal(cv2.imread(str(single / "p0_gray.png"), cv2.IMREAD_UNCHANGED),
+                          cv2.imread(str(tmp_path / "out" / "p0_gray.png"), cv2.IMREAD_UNCHANGED))
+    assert "Demo: [3/3]" in capsys.readouterr().out
+
+    video = tmp_path / "clip.mp4"
+    frames = [cv2.imread(str(synthetic / "images/img0.png")) for _ in range(3)]
+    height, width = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 5.0, (width, height))
+    assert writer.isOpened()
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+    assert main(_argv(synthetic, "--image", video, "--output", tmp_path / "video_out")) == 0
+    result = cv2.VideoCapture(str(tmp_path / "video_out" / "clip_overlay.mp4"))
+    assert int(result.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
+    ok, first = result.read()
+    assert ok and first.shape == (height, width, 3)
+    assert "Video: [3/3]" in capsys.readouterr().out
+    assert not list((tmp_path / "video_out").glob(".*tmp*"))

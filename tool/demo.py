@@ -1,11 +1,15 @@
-"""Segment one image: class-id map, colour map and overlay PNGs.
+"""Segment an image, a folder of images or a video: class-id maps, colour maps and overlays.
 
     python tool/demo.py --config config/ade20k/ade20k_pyconvresnet50_pyconvsegnet.yaml \
         --image photo.jpg [--output DIR] [KEY VALUE ...]
+    python tool/demo.py --config ... --image photos/          # every image in the folder
+    python tool/demo.py --config ... --image street.mp4       # an overlay video
 
-Uses the weights of ``model_path`` and the test-time settings of the config (``scales``,
-``base_size``, ``test_h``/``test_w``, ``test_batch_size``; palette ``colors_path``, names ``names_path``).
-Writes DIR/NAME_gray.png (class ids), DIR/NAME_color.png and DIR/NAME_overlay.png.
+Uses the weights of ``model_path`` (empty: the run's last checkpoint, as tool/test.py) and the
+test-time settings of the config (``scales``, ``base_size``, ``test_h``/``test_w``,
+``test_batch_size``, ``precision``; palette ``colors_path``, names ``names_path``). For each image it
+writes DIR/NAME_gray.png (class ids), DIR/NAME_color.png and DIR/NAME_overlay.png; for a video
+DIR/NAME_overlay.mp4 (util/segment_files.py), with progress lines for folders and videos.
 """
 from __future__ import annotations
 
@@ -16,20 +20,22 @@ from typing import Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from util.cli import exit_with  # noqa: E402
 from util.config import ConfigError, parse_cli  # noqa: E402
+from util.inference import inference_kwargs, load_inference_model  # noqa: E402
 from util.precision import check_device_support  # noqa: E402
-from util.dataset import load_image  # noqa: E402
-from util.inference import inference_kwargs, load_inference_model, predict_multiscale  # noqa: E402
 from util.misc import get_logger, select_device  # noqa: E402
-from util.visualize import colorize, config_class_names, config_palette, overlay, save_gray, save_rgb  # noqa: E402
+from util.runs import check_checkpoint_paths, resolve_test_paths  # noqa: E402
+from util.segment_files import (folder_images, input_kind, model_predictor, segment_folder,  # noqa: E402
+                                segment_image, segment_video)
+from util.visualize import config_class_names, config_palette  # noqa: E402
 
 
 def _add_arguments(parser) -> None:
-    parser.add_argument("--image", required=True, help="image file to segment")
-    parser.add_argument("--output", default="demo_output", help="folder for the PNGs (default: demo_output)")
+    parser.add_argument("--image", "--input", dest="image", required=True,
+                        help="an image file, a folder of images, or a video file to segment")
+    parser.add_argument("--output", default="demo_output", help="folder for the results (default: demo_output)")
     parser.add_argument("--alpha", type=float, default=0.5, help="colour weight of the overlay (default 0.5)")
 
 
@@ -39,30 +45,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logger = get_logger()
     device = select_device(cfg.device)
     check_device_support(cfg, device.type)
+    resolve_test_paths(cfg)
     if not cfg.model_path:
-        raise ConfigError("model_path must be set to the weights to run")
-    image = load_image(args.image)
+        raise ConfigError("model_path must be set to the weights to run (or save_path and epochs of a run)")
+    check_checkpoint_paths(cfg, ("model_path",))
+    kind = input_kind(args.image)
+    images = folder_images(args.image) if kind == "folder" else None
     model = load_inference_model(cfg, cfg.model_path, device)
     kwargs = inference_kwargs(cfg)
-    logger.info(f"=> {cfg.model_path} on {device}: {args.image} ({image.shape[1]}x{image.shape[0]}), "
-                f"scales {kwargs['scales']}, base_size {cfg.base_size}")
-    gray = predict_multiscale(model, image, **kwargs).to("cpu", torch.uint8).numpy()
-
+    logger.info(f"=> {cfg.model_path} on {device}: {kind} {args.image}, scales {kwargs['scales']}, "
+                f"base_size {cfg.base_size}, windows {kwargs['crop_size'][0]}x{kwargs['crop_size'][1]}")
+    predict = model_predictor(model, kwargs)
     palette = config_palette(cfg)
-    color = colorize(gray, palette)
     output = Path(args.output)
-    stem = Path(args.image).stem
-    paths = {kind: output / f"{stem}_{kind}.png" for kind in ("gray", "color", "overlay")}
-    save_gray(paths["gray"], gray)
-    save_rgb(paths["color"], color)
-    save_rgb(paths["overlay"], overlay(image, color, args.alpha))
 
+    if kind == "video":
+        path = segment_video(predict, args.image, output, palette, args.alpha, logger)
+        logger.info(f"=> overlay video: {path}")
+        return 0
+    if kind == "folder":
+        results = segment_folder(predict, images, output, palette, args.alpha, logger)
+        logger.info(f"=> {len(results)} images: NAME_gray.png, NAME_color.png, NAME_overlay.png in {output}")
+        return 0
+
+    result = segment_image(predict, Path(args.image), output, palette, args.alpha)
+    gray = result.pop("class_ids")
     names = config_class_names(cfg)
     ids, counts = np.unique(gray, return_counts=True)
     for class_id, count in sorted(zip(ids.tolist(), counts.tolist()), key=lambda item: -item[1])[:10]:
         logger.info(f"  {names[class_id]:<20s} {100.0 * count / gray.size:6.2f}% of pixels")
-    for kind, path in paths.items():
-        logger.info(f"=> {kind}: {path}")
+    for name, path in result.items():
+        logger.info(f"=> {name}: {path}")
     return 0
 
 

@@ -49,14 +49,15 @@ step "preparing it as ADE20K is prepared (0-based labels, lists)"
 "$PYTHON" tool/dataset_converters/prepare_ade20k.py "${data_dir}/ADEChallengeData2016"
 
 step "training PyConvSegNet (PyConvResNet-50) from scratch: config/${dataset}/${dataset}_${exp_name}.yaml"
-bash tool/train.sh "${dataset}" "${exp_name}"
+sh tool/train.sh "${dataset}" "${exp_name}"
 
 step "evaluating on the validation images"
-bash tool/test.sh "${dataset}" "${exp_name}"
+sh tool/test.sh "${dataset}" "${exp_name}"
 
-# Where train.sh and test.sh wrote their outputs: the config's model_path and save_folder.
+# Where train.sh and test.sh wrote their outputs: the run's last checkpoint and its results (util/runs.py).
 read -r model_path save_folder < <("$PYTHON" -c "import sys; sys.path.insert(0, '.'); \
-from util.config import load_cfg; cfg = load_cfg('config/${dataset}/${dataset}_${exp_name}.yaml'); \
+from util.config import load_cfg; from util.runs import resolve_test_paths; \
+cfg = load_cfg('config/${dataset}/${dataset}_${exp_name}.yaml'); resolve_test_paths(cfg); \
 print(cfg.model_path, cfg.save_folder)")
 elapsed=$(( $(date +%s) - start ))
 step "done in $((elapsed / 60))m$(printf '%02d' $((elapsed % 60)))s"

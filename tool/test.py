@@ -8,9 +8,15 @@ predicts with multi-scale sliding windows (util/inference.py; with their horizon
 ``flip``, the default) and writes ``save_folder/gray/NAME.png`` (class ids) and
 ``save_folder/color/NAME.png``. For split ``val`` or
 ``train`` it scores the predictions against the labels and writes ``save_folder/metrics.json``
-(mIoU, mAcc, allAcc, per-class IoU/accuracy with names; NaN as null). Split ``test`` only predicts.
-With ``has_prediction True`` the gray maps already in the save folder are scored and no model is built.
-When ``best_mIoU_model_path`` is set, the same is repeated for it into ``best_mIoU_save_folder``.
+(mIoU, mAcc, allAcc, per-class IoU/accuracy with names; NaN as null), and the log ``test-STAMP.log``.
+Split ``test`` only predicts. ``save_folder/predictions.json`` records how the predictions were made
+(checkpoint, scales, sizes); with ``has_prediction True`` the gray maps already in the save folder are
+scored, no model is built, and metrics.json keeps that record. When ``best_mIoU_model_path`` is set, the
+same is repeated for it into ``best_mIoU_save_folder``.
+
+Left empty, ``model_path`` is the run's last checkpoint (``save_path/train_epoch_{epochs}.pth``, with
+its ``best_mIoU.pth`` too when there is one) and the save folders are beside the run
+(``RUN/result/epoch_N/val/ss``): util/runs.py, so the overrides given to tool/train.py find their run.
 
 Under torchrun (WORLD_SIZE > 1) rank r takes images r, r + N, ...; confusion matrices are summed
 over processes, so the scores equal a single-process run's; rank 0 prints and writes them.
@@ -37,6 +43,7 @@ from util.inference import inference_kwargs, load_inference_model  # noqa: E402
 from util.metrics import nan_to_none  # noqa: E402
 from util.misc import get_logger, select_device  # noqa: E402
 from util.precision import check_device_support  # noqa: E402
+from util.runs import checkpoint_path_problem, evaluation_log_path, resolve_test_paths, timestamp  # noqa: E402
 from util.visualize import colorize, config_class_names, config_palette, save_gray, save_rgb  # noqa: E402
 
 
@@ -49,7 +56,8 @@ def select_items(items: Sequence, index_start: int, index_step: int) -> list:
 def _runs(cfg) -> List[Tuple[Optional[str], str]]:
     """(model path, save folder) pairs to evaluate: ``model_path`` and, when set, ``best_mIoU_model_path``."""
     if not cfg.save_folder:
-        raise ConfigError("save_folder must be set (predictions and metrics are written there)")
+        raise ConfigError("save_folder must be set (predictions and metrics are written there), or model_path, "
+                          "or save_path and epochs of the run to evaluate")
     runs = [(cfg.model_path, cfg.save_folder)]
     if cfg.best_mIoU_model_path:
         if not cfg.best_mIoU_save_folder:
@@ -60,9 +68,10 @@ def _runs(cfg) -> List[Tuple[Optional[str], str]]:
         for model_path, _ in runs:
             if not model_path:
                 raise ConfigError("model_path must be set (or has_prediction True to score saved predictions)")
-            if not os.path.isfile(model_path):
-                raise CheckpointError(f"checkpoint file {model_path} does not exist (set model_path / "
-                                      f"best_mIoU_model_path, or '' to skip the best model)")
+            problem = checkpoint_path_problem("model_path" if model_path == cfg.model_path else
+                                              "best_mIoU_model_path", model_path)
+            if problem:
+                raise CheckpointError(problem)
     return runs
 
 
@@ -82,6 +91,37 @@ def check_listed_files(entries: Sequence, list_path, need_images: bool, need_lab
                 raise DataError(f"list {list_path} line {entry.line_number}: {kind} not found: {path}")
 
 
+PREDICTION_RECORD = "predictions.json"  # how the gray maps of a save folder were made
+PREDICTION_KEYS = ("model_path", "scales", "base_size", "crop_size", "flip", "precision")
+
+
+def prediction_record(cfg, model_path: Optional[str], kwargs: dict) -> dict:
+    """The settings that make this run's predictions (kept in the save folder and in metrics.json)."""
+    return dict(model_path=str(model_path), scales=kwargs["scales"], base_size=cfg.base_size,
+                crop_size=list(kwargs["crop_size"]), flip=bool(kwargs["flip"]), precision=cfg.get("precision", "fp32"))
+
+
+def read_prediction_record(save_folder: str, logger) -> dict:
+    """How the predictions already in ``save_folder`` were made (``has_prediction True``): the record
+    tool/test.py wrote beside them; its settings, not this command's, describe what is scored."""
+    path = Path(save_folder) / PREDICTION_RECORD
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        return {key: record.get(key) for key in PREDICTION_KEYS}
+    except (OSError, ValueError):
+        logger.warning(f"{path} is missing or unreadable: how these predictions were made is not known "
+                       f"(recorded as null in metrics.json)")
+        return {key: None for key in PREDICTION_KEYS}
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write ``data`` atomically (a crash never leaves half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = path.with_suffix(".json.tmp")
+    tmp_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp_path, path)
+
+
 def evaluate_run(cfg, model_path: Optional[str], save_folder: str, entries: Sequence[ListEntry],
                  names: Sequence[str], device: torch.device, rank: int, world_size: int, logger) -> Optional[dict]:
     """Predict (or read saved predictions) for this process's share of ``entries`` and score them
@@ -97,6 +137,8 @@ def evaluate_run(cfg, model_path: Optional[str], save_folder: str, entries: Sequ
     kwargs = inference_kwargs(cfg)
 
     if cfg.has_prediction:
+        made_by = read_prediction_record(save_folder, logger)
+
         def predict(index, entry, where):
             gray_path = gray_folder / f"{names[index]}.png"
             if not gray_path.is_file():
@@ -106,6 +148,7 @@ def evaluate_run(cfg, model_path: Optional[str], save_folder: str, entries: Sequ
 
         save_prediction = None
     else:
+        made_by = prediction_record(cfg, model_path, kwargs)
         # Always a fresh model: load_inference_model folds BatchNorm into the convolutions, so a
         # previous run's model no longer has the checkpoint's layout to load new weights into.
         model = load_inference_model(cfg, model_path, device)
@@ -122,6 +165,8 @@ def evaluate_run(cfg, model_path: Optional[str], save_folder: str, entries: Sequ
     metrics = evaluate_images(entries, predict, cfg.classes, device, ignore_index=cfg.ignore_label,
                               labelled=labelled, rank=rank, world_size=world_size, list_path=cfg.test_list,
                               on_prediction=save_prediction, logger=logger, title="Test")
+    if rank == 0 and not cfg.has_prediction:
+        write_json(Path(save_folder) / PREDICTION_RECORD, made_by)
     if not labelled:
         logger.info(f"<<<<<<<<<<<<<<<<< End Evaluation: predictions in {save_folder} <<<<<<<<<<<<<<<<<")
         return None
@@ -138,20 +183,12 @@ def evaluate_run(cfg, model_path: Optional[str], save_folder: str, entries: Sequ
             num_images=metrics["num_images"],
             split=cfg.split,
             test_list=str(cfg.test_list),
-            model_path=None if cfg.has_prediction else str(model_path),
             has_prediction=bool(cfg.has_prediction),
-            scales=kwargs["scales"],
-            base_size=cfg.base_size,
-            crop_size=list(kwargs["crop_size"]),
-            flip=kwargs["flip"],
-            precision=cfg.get("precision", "fp32"),
+            **made_by,
             confusion_matrix=metrics["confusion_matrix"].cpu().tolist(),
         )
-        Path(save_folder).mkdir(parents=True, exist_ok=True)
         metrics_path = Path(save_folder) / "metrics.json"
-        tmp_path = metrics_path.with_suffix(".json.tmp")
-        tmp_path.write_text(json.dumps(nan_to_none(record), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp_path, metrics_path)
+        write_json(metrics_path, nan_to_none(record))
         logger.info(f"=> metrics written to {metrics_path}")
         logger.info("<<<<<<<<<<<<<<<<< End Evaluation <<<<<<<<<<<<<<<<<")
     return metrics
@@ -159,6 +196,7 @@ def evaluate_run(cfg, model_path: Optional[str], save_folder: str, entries: Sequ
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, cfg = parse_cli(list(argv) if argv is not None else None, description=__doc__.splitlines()[0])
+    derived = resolve_test_paths(cfg)
     rank, world_size, device, context = _setup_distributed(cfg)
     logger = get_logger(rank=rank)
     logger.info(describe_launch(context) if context is not None else
@@ -168,6 +206,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not cfg.test_list:
             raise ConfigError("test_list must be set")
         runs = _runs(cfg)
+        if rank == 0:  # the log goes beside the results, once the settings are known to be usable
+            Path(cfg.save_folder).mkdir(parents=True, exist_ok=True)
+        logger = get_logger(rank=rank, log_file=evaluation_log_path(cfg.save_folder, timestamp()))
+        for line in derived:
+            logger.info(f"=> {line}")
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # every window has the same shape
         entries = select_items(read_list_entries(cfg.test_list, cfg.data_root, cfg.split), cfg.index_start,

@@ -16,6 +16,11 @@ optimizer, scheduler, scaler, best_mIoU, cfg}``, loadable with
 ``torch.load(..., weights_only=True)``. ``resume: auto`` continues from the
 newest ``train_epoch_N.pth``; a resumed run ends with the same weights as an
 uninterrupted one.
+
+Also in ``save_path``, for every start once the config is accepted (util/runs.py): the log
+``train-STAMP.log`` and the effective config ``train-STAMP.yaml`` (overrides applied, seed filled in).
+``weight PATH`` fine-tunes from a whole model, also one of another class count (its final classifier
+layers are re-initialised, and the log says which).
 """
 from __future__ import annotations
 
@@ -42,10 +47,11 @@ from util.checkpoint import (BEST_CHECKPOINT, CheckpointError, add_mid_epoch_sta
                               check_training_checkpoint, checkpoint_path, find_resume_checkpoint,
                               list_training_checkpoints, make_checkpoint, prune_checkpoints, save_training_checkpoint)
 from util.cli import STOP_SIGNALS, StopSignals, TrainingStopped, exit_with, ignore_stop_signals  # noqa: E402
-from util.config import ConfigError, load_cfg  # noqa: E402
+from util.config import ConfigError, dump_cfg, load_cfg  # noqa: E402
 from util.misc import format_seconds, get_logger, restore_rng_state, rng_state, set_seed  # noqa: E402
 from util.precision import autocast_dtype_for, check_device_support  # noqa: E402
 from util.preparation import missing_list_hint  # noqa: E402
+from util.runs import check_checkpoint_paths, timestamp, training_log_paths  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Command line and checks that run before anything heavy
@@ -86,12 +92,7 @@ def check_run_config(cfg) -> None:
             raise ConfigError("evaluate is True but val_list is not set")
         if not os.path.isfile(cfg.val_list):
             raise ConfigError(f"val_list file not found: {cfg.val_list}{missing_list_hint(cfg.val_list)}")
-    for key in ("weight", "pretrained"):
-        if cfg[key] and not os.path.isfile(cfg[key]):
-            raise ConfigError(f"{key} file not found: {cfg[key]}")
-    if cfg.resume and cfg.resume != "auto" and not os.path.isfile(cfg.resume):
-        raise ConfigError(f"resume checkpoint not found: {cfg.resume} (use 'resume auto' to continue from the "
-                          f"newest train_epoch_N.pth in save_path if there is one)")
+    check_checkpoint_paths(cfg, ("weight", "pretrained", "resume"))
     if cfg.start_epoch < 0 or cfg.start_epoch >= cfg.epochs:
         raise ConfigError(f"start_epoch must be in [0, epochs), got {cfg.start_epoch} with epochs {cfg.epochs}")
     check_writable_dir(cfg.save_path)
@@ -244,17 +245,21 @@ class Optimization:
 
 
 def build_training_model(cfg, ctx, has_checkpoint: bool, logger):
-    """The model on ``ctx.device``: ImageNet backbone (``pretrained``) or whole ``weight`` file
-    (not when resuming: the checkpoint's weights come later), SyncBatchNorm when distributed on CUDA."""
+    """The model on ``ctx.device``: ImageNet backbone (``pretrained``) or whole ``weight`` file, also one of
+    another class count (fine-tuning; not when resuming: the checkpoint's weights come later),
+    SyncBatchNorm when distributed on CUDA."""
     from model import build_model
-    from util.checkpoint import load_model_weights
+    from util.checkpoint import load_weights_for_fine_tuning
 
     model = build_model(cfg, load_pretrained=True)
     if cfg.pretrained:
         logger.info(f"backbone initialised from {cfg.pretrained}")
     if cfg.weight and not has_checkpoint:
-        load_model_weights(model, cfg.weight)
+        reinitialised = load_weights_for_fine_tuning(model, cfg.weight)
         logger.info(f"weights initialised from {cfg.weight}")
+        if reinitialised:
+            logger.info(f"{', '.join(reinitialised)} re-initialised: {cfg.weight} was trained for another number "
+                        f"of classes (this run has {cfg.classes}); every other layer is the checkpoint's")
     elif cfg.weight:
         logger.info(f"weight {cfg.weight} not used: resuming from a checkpoint instead")
     if cfg.sync_bn and ctx.distributed:
@@ -595,9 +600,13 @@ def train_epoch(cfg, ctx, train_model, data: TrainingData, optim: Optimization, 
 
 
 def _train(cfg, ctx, status: RunStatus) -> Dict[str, Any]:
-    logger = get_logger(rank=ctx.rank)
+    # The log and the effective config belong to the run, in save_path; they are written only now,
+    # after check_run_config accepted the config (a rejected one leaves nothing behind).
+    log_path, config_copy = training_log_paths(cfg.save_path, dist_utils.broadcast_object(timestamp()))
+    logger = get_logger(rank=ctx.rank, log_file=log_path)
     logger.info(dist_utils.describe_launch(ctx))
     if ctx.is_main:
+        logger.info(f"run in {cfg.save_path}: log {log_path}, effective config {config_copy}")
         _log_config(cfg, logger)
     logger.info(f"{ctx.world_size} process(es), this one rank {ctx.rank} on {ctx.device}, precision {cfg.precision}")
     if ctx.device.type == "cuda":
@@ -610,6 +619,8 @@ def _train(cfg, ctx, status: RunStatus) -> Dict[str, Any]:
     if checkpoint is not None and cfg.manual_seed is None:
         cfg.manual_seed = (checkpoint.get("cfg") or {}).get("manual_seed")
     seed = cfg.manual_seed = choose_run_seed(cfg, logger)  # saved with the checkpoints
+    if ctx.is_main:
+        dump_cfg(cfg, config_copy)  # as the run uses it: overrides applied, seed filled in
     set_seed(seed)  # same initial head weights on every process (DDP also broadcasts rank 0's)
 
     # Data first: list problems surface before the (slow) model build.

@@ -1,17 +1,20 @@
-#!/usr/bin/env bash
-# Train with config/DATASET/DATASET_EXP.yaml; checkpoints, the config and the log go to exp/DATASET/EXP/.
+#!/bin/sh
+# Train with config/DATASET/DATASET_EXP.yaml (POSIX sh: sh, bash, dash, or ./tool/train.sh all work).
 #
 #   sh tool/train.sh camvid pyconvresnet50_pyconvsegnet [KEY VALUE ...]
-#   NPROC=2 bash tool/train.sh camvid pyconvresnet50_pyconvsegnet    # torchrun with 2 processes
-#   PYTHON=/path/to/python bash tool/train.sh ...                    # another interpreter
+#   NPROC=2 sh tool/train.sh camvid pyconvresnet50_pyconvsegnet    # torchrun with 2 processes
+#   PYTHON=/path/to/python sh tool/train.sh ...                    # another interpreter
 #
-# Run from the repository root (config/ and exp/ are relative to it).
-set -euo pipefail
+# Runs from any directory. The config's own relative paths are the repository's (data/..., exp/...);
+# paths you give as KEY VALUE mean what they mean in your shell (relative to your directory).
+# tool/train.py writes checkpoints, the log train-STAMP.log and the effective config train-STAMP.yaml
+# to save_path (the config's exp/DATASET/EXP/model unless you override it), once the config is valid.
+set -eu
 
 usage() {
-  echo "usage: [NPROC=N] [PYTHON=python] bash tool/train.sh DATASET EXP [KEY VALUE ...]" >&2
-  echo "  e.g. bash tool/train.sh camvid pyconvresnet50_pyconvsegnet epochs 10" >&2
-  echo "  reads config/DATASET/DATASET_EXP.yaml, writes exp/DATASET/EXP/{model,result} and a log in exp/DATASET/EXP/model" >&2
+  echo "usage: [NPROC=N] [PYTHON=python] sh tool/train.sh DATASET EXP [KEY VALUE ...]" >&2
+  echo "  e.g. sh tool/train.sh camvid pyconvresnet50_pyconvsegnet epochs 10 save_path runs/camvid1/model" >&2
+  echo "  reads config/DATASET/DATASET_EXP.yaml; checkpoints, log and effective config go to save_path" >&2
 }
 
 if [ "$#" -lt 2 ]; then
@@ -26,28 +29,18 @@ shift 2
 
 PYTHON=${PYTHON:-python}
 NPROC=${NPROC:-}
-tool_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-config=config/${dataset}/${dataset}_${exp_name}.yaml
-exp_dir=exp/${dataset}/${exp_name}
-model_dir=${exp_dir}/model
-result_dir=${exp_dir}/result
+repo_dir=$(cd "$(dirname "$0")/.." && pwd)
+config=${repo_dir}/config/${dataset}/${dataset}_${exp_name}.yaml
 
 if [ ! -f "${config}" ]; then
-  echo "config not found: ${config} (run from the repository root)" >&2
+  echo "config not found: ${config}" >&2
   usage
   exit 2
 fi
 
-mkdir -p "${model_dir}" "${result_dir}"
-cp "${config}" "${exp_dir}/"
-log=${model_dir}/train-$(date +%Y%m%d_%H%M%S).log
-
+# shellcheck disable=SC2086  # PYTHON may carry interpreter flags
 if [ -n "${NPROC}" ]; then
-  launcher=(${PYTHON} -m torch.distributed.run --standalone --nproc_per_node="${NPROC}")
-else
-  launcher=(${PYTHON})
+  exec ${PYTHON} -m torch.distributed.run --standalone --nproc_per_node="${NPROC}" \
+    "${repo_dir}/tool/train.py" --config "${config}" "$@"
 fi
-
-echo "training ${config} -> ${model_dir} (log ${log})"
-# pipefail: the script's status is train.py's, not tee's.
-"${launcher[@]}" "${tool_dir}/train.py" --config "${config}" save_path "${model_dir}" "$@" 2>&1 | tee "${log}"
+exec ${PYTHON} "${repo_dir}/tool/train.py" --config "${config}" "$@"

@@ -207,6 +207,36 @@ def load_model_weights(model: nn.Module, path_or_state: Any, source: Optional[st
     target.load_state_dict(state_dict, strict=True)
 
 
+def load_weights_for_fine_tuning(model: nn.Module, path_or_state: Any, source: Optional[str] = None) -> List[str]:
+    """Load a whole-model checkpoint into ``model`` for fine-tuning, also across class counts.
+
+    Every tensor that matches is loaded. When the checkpoint was trained for another number of classes,
+    the final classifier layers of the main and auxiliary heads (``model.classifier_layers()``; their
+    class dimension alone differs) keep the model's fresh initialisation. Any other mismatch (another
+    arch, backbone or depth) is refused as by :func:`load_model_weights`.
+
+    Returns the names of the re-initialised layers (empty when the class counts agree).
+    """
+    obj, source = _load_state(path_or_state, source)
+    state_dict = extract_state_dict(obj, source)
+    target = unwrap_model(model)
+    expected = target.state_dict()
+    layers = target.classifier_layers() if hasattr(target, "classifier_layers") else []
+    replaced = [f"{layer}.{name}" for layer in layers for name in ("weight", "bias")
+                if f"{layer}.{name}" in state_dict and f"{layer}.{name}" in expected
+                and state_dict[f"{layer}.{name}"].shape != expected[f"{layer}.{name}"].shape
+                and state_dict[f"{layer}.{name}"].shape[1:] == expected[f"{layer}.{name}"].shape[1:]]
+    state_dict = OrderedDict(state_dict)
+    for key in replaced:
+        state_dict[key] = expected[key]
+    problem = describe_mismatch(expected, state_dict)
+    if problem:
+        raise CheckpointError(f"{source} does not match the model beyond its number of classes (another arch, "
+                              f"backbone or layers?): {problem}")
+    target.load_state_dict(state_dict, strict=True)
+    return [layer for layer in layers if f"{layer}.weight" in replaced]
+
+
 def imagenet_to_segmentation_keys(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
     """ImageNet classifier layout -> backbone part of the segmentation layout.
 
@@ -469,7 +499,7 @@ def save_training_checkpoint(checkpoint: dict, path: PathLike) -> None:
 
 
 __all__ = ["CheckpointError", "load_checkpoint_file", "extract_state_dict", "strip_wrapper_prefixes",
-           "add_module_prefix", "unwrap_model", "describe_mismatch", "load_model_weights",
+           "add_module_prefix", "unwrap_model", "describe_mismatch", "load_model_weights", "load_weights_for_fine_tuning",
            "imagenet_to_segmentation_keys", "load_pretrained_backbone", "save_checkpoint",
            "remove_stale_temporaries", "BEST_CHECKPOINT", "checkpoint_path", "list_epoch_checkpoints",
            "list_training_checkpoints", "prune_checkpoints", "find_resume_checkpoint", "make_checkpoint",

@@ -78,7 +78,6 @@ SCHEMA: Dict[str, Dict[str, Any]] = {
         "resume": None,
         "evaluate": False,
         "pretrained": None,
-        "use_ppm": False,  # legacy key of the release; the arch decides the head
         "channels_last": True,
         "compile": False,
         "keep_checkpoints": 2,
@@ -93,11 +92,6 @@ SCHEMA: Dict[str, Dict[str, Any]] = {
         "world_size": 1,
         "rank": 0,
         "dist_timeout": 1800,
-        # Legacy apex keys of the release: accepted so release YAMLs load, otherwise unused.
-        "use_apex": False,
-        "opt_level": "O0",
-        "keep_batchnorm_fp32": None,
-        "loss_scale": None,
     },
     "TEST": {
         "test_list": None,
@@ -109,7 +103,6 @@ SCHEMA: Dict[str, Dict[str, Any]] = {
         "has_prediction": False,
         "index_start": 0,
         "index_step": 0,
-        "test_gpu": [0],
         "model_path": None,
         "save_folder": None,
         "colors_path": None,
@@ -122,6 +115,24 @@ SCHEMA: Dict[str, Dict[str, Any]] = {
 }
 
 ALL_DEFAULTS: Dict[str, Any] = {k: v for section in SCHEMA.values() for k, v in section.items()}
+
+# Keys of the release that nothing here reads: a YAML (or override) that has them still loads, with a
+# one-line note naming what replaces them; they are not kept in the config.
+RETIRED_KEYS: Dict[str, str] = {
+    "use_apex": "apex is not used: 'precision' (fp32, bf16, fp16 with a gradient scaler) replaces it",
+    "opt_level": "apex is not used: 'precision' (fp32, bf16, fp16 with a gradient scaler) replaces it",
+    "keep_batchnorm_fp32": "apex is not used: 'precision' (fp32, bf16, fp16 with a gradient scaler) replaces it",
+    "loss_scale": "apex is not used: 'precision fp16' scales the loss dynamically",
+    "use_ppm": "'arch' chooses the head (pyconvsegnet, psp)",
+    "test_gpu": "tool/test.py runs on 'device' (e.g. device cuda:1); several GPUs with torchrun, as 'train_gpu' "
+                "does for training",
+}
+
+
+def _note_retired(key: str, source: str) -> None:
+    """Print the one-line note for a retired key (once per process: rank 0 under torchrun)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"note: {source}: '{key}' is ignored: {RETIRED_KEYS[key]}", file=sys.stderr)
 
 # Modules of this repository that declare keys with register_keys (imported before any config is read).
 KEY_MODULES = ("util.precision", "util.losses", "util.optim", "util.transforms", "util.inference", "util.engine")
@@ -302,6 +313,9 @@ def load_cfg(path: Optional[str], overrides: Optional[Sequence[str]] = None, val
                     raise ConfigError(f"{path}: key '{section}' must be inside one of the sections {list(SCHEMA)}")
                 raise ConfigError(f"{path}: unknown section '{section}'{_suggestion(section, SCHEMA)}")
             for key, value in (entries or {}).items():
+                if key in RETIRED_KEYS and key not in all_defaults:
+                    _note_retired(key, path)
+                    continue
                 if key not in all_defaults:
                     raise ConfigError(f"{path}: unknown key '{key}' in section {section}"
                                       f"{_suggestion(key, all_defaults)}")
@@ -309,6 +323,11 @@ def load_cfg(path: Optional[str], overrides: Optional[Sequence[str]] = None, val
                     value = None
                 cfg[key] = _check_type(key, value, all_defaults[key], path)
     apply_overrides(cfg, overrides or [])
+    from util.runs import expand_user_paths, rebase_repository_paths
+
+    # The repository's configs work from any directory; command-line paths are the shell's.
+    rebase_repository_paths(cfg, path, [key.lstrip("-") for key in (overrides or [])[0::2]])
+    expand_user_paths(cfg)
     if validate:
         validate_cfg(cfg)
     return cfg
@@ -369,6 +388,9 @@ def apply_overrides(cfg: CfgNode, overrides: Sequence[str]) -> CfgNode:
         raise ConfigError(f"overrides must be KEY VALUE pairs, got an odd number of items: {list(overrides)}")
     for key, text in zip(overrides[0::2], overrides[1::2]):
         key = key.lstrip("-")
+        if key in RETIRED_KEYS and key not in cfg:
+            _note_retired(key, "override")
+            continue
         if key not in cfg:
             raise ConfigError(f"unknown config key '{key}'{_suggestion(key, cfg.keys())}")
         value = parse_value(text)

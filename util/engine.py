@@ -88,15 +88,21 @@ def learning_rate_scalars(optimizer: torch.optim.Optimizer) -> Dict[str, float]:
 class ProgressLine:
     """``[done/total] s/item, elapsed, ETA`` lines every ``every`` items (and after the last one)."""
 
-    def __init__(self, title: str, total: int, logger: Optional[logging.Logger], every: int = VAL_LOG_EVERY,
+    def __init__(self, title: str, total: Optional[int], logger: Optional[logging.Logger], every: int = VAL_LOG_EVERY,
                  unit: str = "image") -> None:
         self.title, self.total, self.logger, self.every, self.unit = title, total, logger, every, unit
         self.start = time.time()
 
-    def update(self, done: int) -> None:
-        if self.logger is None or not (done % self.every == 0 or done == self.total):
+    def update(self, done: int, last: bool = False) -> None:
+        """Log after every ``every`` items and the last one; with ``total`` None (a video that does not
+        say its length) the call with ``last`` True logs the count without an ETA."""
+        if self.logger is None or not (done % self.every == 0 or done == self.total or last):
             return
         elapsed = time.time() - self.start
+        if self.total is None:
+            self.logger.info(f"{self.title}: [{done}] {elapsed / max(done, 1):.3f} s/{self.unit}, "
+                             f"elapsed {format_seconds(elapsed)}")
+            return
         remaining = elapsed / done * (self.total - done)
         self.logger.info(f"{self.title}: [{done}/{self.total}] {elapsed / done:.3f} s/{self.unit}, "
                          f"elapsed {format_seconds(elapsed)}, ETA {format_seconds(remaining)}")

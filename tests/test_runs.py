@@ -1,0 +1,197 @@
+"""A user's own paths (util/runs.py): overrides that carry through train.py, test.py and the shell wrappers,
+relative paths from another directory, records of how results were made, and messages that lead somewhere."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tiny_runs import REPO_ROOT, load_script, make_dataset, write_tiny_config
+from util import engine
+from util.checkpoint import CheckpointError
+from util.config import ConfigError, load_cfg
+from util.runs import rebase_repository_paths, resolve_test_paths, results_folder, run_directory
+
+TEST_KEYS = ["base_size", "64", "test_h", "65", "test_w", "65", "test_batch_size", "2", "device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def train_tool():
+    return load_script("tool/train.py", "train_tool_for_runs")
+
+
+@pytest.fixture(scope="module")
+def test_tool():
+    return load_script("tool/test.py", "test_tool_for_runs")
+
+
+def fake_epoch(*args, **kwargs):
+    """Stands in for engine.train_one_epoch: these tests are about files and paths, not learning."""
+    return {"loss": 1.0, "main_loss": 1.0, "aux_loss": 0.0, "mIoU": 0.1, "mAcc": 0.1, "allAcc": 0.1}
+
+
+def test_results_folder_and_run_directory_follow_the_release_layout():
+    assert run_directory("exp/demo/x/model") == os.path.normpath("exp/demo/x")
+    assert run_directory("runs/plain") == os.path.normpath("runs/plain")
+    assert results_folder("runs/a/model/train_epoch_4.pth", "val", [1.0]) == os.path.join("runs/a", "result",
+                                                                                        "epoch_4", "val", "ss")
+    assert results_folder("runs/a/model/best_mIoU.pth", "test", [0.5, 1.0]).endswith(
+        os.path.join("result", "best_mIoU", "test", "ms"))
+
+
+def test_overrides_carry_through_training_testing_and_rescoring(tmp_path, monkeypatch, train_tool, test_tool,
+                                                                 one_thread):
+    """Issue 17 points 1, 2, 4, 5: another save_path and epochs on the command line."""
+    config = write_tiny_config(tmp_path)  # the YAML's own save_path is tmp_path/model
+    list_path = str(tmp_path / "data" / "list.txt")
+    run = tmp_path / "runs" / "demo" / "model"
+    monkeypatch.setattr(engine, "train_one_epoch", fake_epoch)
+    train_tool.main(["--config", str(config), "save_path", str(run), "epochs", "1"])
+
+    # 1. the checkpoints, the log and the effective config all go to the overridden save_path
+    assert not (tmp_path / "model").exists()
+    assert (run / "train_epoch_1.pth").is_file()
+    logs, copies = sorted(run.glob("train-*.log")), sorted(run.glob("train-*.yaml"))
+    assert len(logs) == 1 and len(copies) == 1
+    assert f"run in {run}" in logs[0].read_text()
+    effective = load_cfg(str(copies[0]))
+    assert effective.save_path == str(run) and effective.epochs == 1 and effective.manual_seed == 5
+
+    # 5. resuming a run that never validated says nothing about a best score
+    train_tool.main(["--config", str(config), "save_path", str(run), "epochs", "2", "resume", "auto"])
+    log_text = "\n".join(path.read_text() for path in run.glob("train-*.log"))
+    assert "resumed from" in log_text
+    assert "best mIoU" not in log_text and "best validation" not in log_text
+
+    # 2. test.py with the same overrides finds the run's checkpoint and writes beside the run
+    assert test_tool.main(["--config", str(config), "save_path", str(run), "epochs", "2", "test_list", list_path,
+                           "scales", "[0.75,1.0]", *TEST_KEYS]) == 0
+    folder = tmp_path / "runs" / "demo" / "result" / "epoch_2" / "val" / "ms"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["model_path"] == str(run / "train_epoch_2.pth") and metrics["scales"] == [0.75, 1.0]
+    assert len(list(folder.glob("test-*.log"))) == 1
+
+    # 4. re-scoring those predictions keeps the record of how they were made
+    assert test_tool.main(["--config", str(config), "test_list", list_path, "has_prediction", "True",
+                           "save_folder", str(folder), "scales", "[1.0]", *TEST_KEYS]) == 0
+    rescored = json.loads((folder / "metrics.json").read_text())
+    assert rescored["has_prediction"] is True
+    assert rescored["model_path"] == str(run / "train_epoch_2.pth") and rescored["scales"] == [0.75, 1.0]
+    assert rescored["confusion_matrix"] == metrics["confusion_matrix"]
+
+
+def test_shell_wrappers_from_another_directory_with_relative_paths(tmp_path):
+    """Issue 17 point 3: sh tool/train.sh / tool/test.sh from the user's own directory; the repository's config
+    keeps its repository paths (names, colours), the user's relative paths are the user's."""
+    make_dataset(tmp_path / "data", classes=4)
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    data = ["data_root", "data", "train_list", "data/list.txt", "save_path", "run1/model", "epochs", "1"]
+    small = ["backbone_net", "resnet", "backbone_output_stride", "32", "train_h", "65", "train_w", "65",
+             "batch_size", "2", "workers", "0", "print_freq", "1", "device", "cpu"]
+    train = subprocess.run(["sh", str(REPO_ROOT / "tool" / "train.sh"), "demo", "pyconvresnet50_pyconvsegnet",
+                            *data, *small], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-2000:]
+    assert (tmp_path / "run1" / "model" / "train_epoch_1.pth").is_file()
+    assert list((tmp_path / "run1" / "model").glob("train-*.log"))
+
+    test = subprocess.run(["sh", str(REPO_ROOT / "tool" / "test.sh"), "demo", "pyconvresnet50_pyconvsegnet",
+                           *data, *small, "test_list", "data/list.txt", "model_path", "run1/model/train_epoch_1.pth",
+                           *TEST_KEYS], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert test.returncode == 0, test.stdout[-2000:] + test.stderr[-2000:]
+    metrics = json.loads((tmp_path / "run1" / "result" / "epoch_1" / "val" / "ss" / "metrics.json").read_text())
+    assert metrics["num_images"] == 4 and metrics["names"] == ["background", "disc", "rectangle", "triangle"]
+    assert not (REPO_ROOT / "run1").exists()
+
+
+def test_repository_config_paths_are_the_repositorys_from_any_directory(tmp_path, monkeypatch):
+    demo = REPO_ROOT / "config" / "demo" / "demo_pyconvresnet50_pyconvsegnet.yaml"
+    monkeypatch.chdir(tmp_path)
+    cfg = load_cfg(str(demo), ["save_path", "mine/model"])
+    assert cfg.colors_path == str(REPO_ROOT / "config" / "demo" / "demo_colors.txt")
+    assert cfg.data_root == str(REPO_ROOT / "data" / "demo" / "ADEChallengeData2016")
+    assert cfg.save_path == "mine/model"  # typed by the user: relative to the user's directory
+    own = tmp_path / "own.yaml"
+    own.write_text("TRAIN:\n  save_path: exp/x/model\n")
+    cfg = load_cfg(str(own))
+    rebase_repository_paths(cfg, str(own), [])
+    assert cfg.save_path == "exp/x/model"  # a user's own YAML: relative to where it is run, as in the release
+
+
+def test_a_rejected_config_writes_nothing(tmp_path, train_tool):
+    """Issue 17 point 9: a typo, a bad value or a missing file leaves no directory, log or config copy."""
+    config = write_tiny_config(tmp_path)
+    for overrides, expected in ((["epochz", "1"], "did you mean 'epochs'"),
+                                (["epochs", "0"], "epochs must be"),
+                                (["pretrained", str(tmp_path / "none.pth")], "pretrained")):
+        with pytest.raises(ConfigError, match=expected):
+            train_tool.main(["--config", str(config), *overrides])
+        assert not (tmp_path / "model").exists()
+
+
+def test_directories_given_as_checkpoints_say_so(tmp_path, train_tool, test_tool):
+    """Issue 17 point 7: a directory as weight, resume, pretrained or model_path is named as one, with the
+    checkpoints of a run directory listed."""
+    config = write_tiny_config(tmp_path)
+    run = tmp_path / "old_run"
+    run.mkdir()
+    for name in ("train_epoch_3.pth", "train_epoch_4.pth", "best_mIoU.pth"):
+        (run / name).write_bytes(b"x")
+    for key in ("weight", "resume", "pretrained"):
+        with pytest.raises(ConfigError) as error:
+            train_tool.main(["--config", str(config), key, str(run)])
+        message = str(error.value)
+        assert "is a directory" in message and "train_epoch_4.pth" in message and "best_mIoU.pth" in message
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="is a directory"):
+        test_tool.main(["--config", str(config), "test_list", str(tmp_path / "data" / "list.txt"),
+                        "model_path", str(empty), "save_folder", str(tmp_path / "out"), *TEST_KEYS])
+    assert not (tmp_path / "model").exists()
+
+
+def test_missing_imagenet_file_says_where_it_comes_from(tmp_path, train_tool):
+    """Issue 17 point 8."""
+    config = write_tiny_config(tmp_path)
+    with pytest.raises(ConfigError) as error:
+        train_tool.main(["--config", str(config), "pretrained", "initmodel/resnet50.pth"])
+    message = str(error.value)
+    assert "ImageNet" in message and "Released weights" in message and "pretrained ''" in message
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert "## Released weights" in readme
+
+
+def test_a_run_checkpoint_for_other_epochs_lists_what_the_run_has(tmp_path, test_tool):
+    config = write_tiny_config(tmp_path)
+    run = tmp_path / "model"
+    run.mkdir()
+    (run / "train_epoch_1.pth").write_bytes(b"x")
+    cfg = load_cfg(str(config))
+    assert resolve_test_paths(cfg)[0].startswith(f"model_path {run / 'train_epoch_2.pth'}")
+    with pytest.raises(CheckpointError) as error:
+        test_tool.main(["--config", str(config), "test_list", str(tmp_path / "data" / "list.txt"), *TEST_KEYS])
+    assert "train_epoch_1.pth" in str(error.value) and "epochs" in str(error.value)
+
+
+def test_fine_tuning_a_checkpoint_of_another_class_count(tmp_path, monkeypatch, train_tool, one_thread):
+    """Issue 17 point 6: weight PATH from a 5-class model for a 3-class run loads and says what it re-initialised."""
+    import torch
+
+    from model import build_model
+    from util.checkpoint import add_module_prefix
+
+    source_cfg = load_cfg(str(write_tiny_config(tmp_path)), ["classes", "5"])
+    source = build_model(source_cfg)
+    torch.save({"state_dict": add_module_prefix(source.state_dict()), "epoch": 100}, tmp_path / "ade20k.pth")
+    config = write_tiny_config(tmp_path)
+    monkeypatch.setattr(engine, "train_one_epoch", fake_epoch)
+    train_tool.main(["--config", str(config), "weight", str(tmp_path / "ade20k.pth"), "epochs", "1"])
+    log_text = next((tmp_path / "model").glob("train-*.log")).read_text()
+    assert "cls.1, aux.4 re-initialised" in log_text
+    saved = torch.load(tmp_path / "model" / "train_epoch_1.pth", weights_only=True)["state_dict"]
+    assert torch.equal(saved["module.layer4.2.conv3.weight"], source.state_dict()["layer4.2.conv3.weight"])
+    assert saved["module.cls.1.weight"].shape[0] == 3

@@ -1,0 +1,203 @@
+"""Where a training run's files are, in one place: tool/train.py, tool/test.py, tool/demo.py and the
+shell wrappers (which only call them) all follow these rules, so an override such as
+``save_path ~/runs/demo/model epochs 1`` carries through training, testing and the demo.
+
+A run is the directory ``save_path`` that tool/train.py fills:
+
+* ``train_epoch_N.pth`` / ``best_mIoU.pth`` (util.checkpoint), and for every start of train.py a log
+  ``train-STAMP.log`` and the effective config ``train-STAMP.yaml`` (after overrides, as the run
+  used it);
+* results of tool/test.py go to ``RUN/result/NAME/SPLIT/ss`` (``ms`` for several scales), where RUN
+  is :func:`run_directory` of the checkpoint's folder and NAME the checkpoint's name
+  (``train_epoch_4.pth`` -> ``epoch_4``, ``best_mIoU.pth`` -> ``best_mIoU``), as in the release's
+  ``exp/DATASET/EXP/{model,result}`` layout.
+
+Relative paths (:func:`rebase_repository_paths`): a path typed on the command line means what it
+means in the shell it was typed in (relative to the current directory); a relative path inside one of
+the repository's own configs (``config/...``) is relative to the repository root, so the shipped
+configs work from any directory; inside any other YAML, relative to the current directory (as the
+release read them).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RELEASED_WEIGHTS_HINT = "README.md, section 'Released weights'"
+
+# Config keys whose values are file or directory paths.
+PATH_KEYS = ("data_root", "train_list", "val_list", "save_path", "weight", "resume", "pretrained", "test_list",
+             "model_path", "save_folder", "colors_path", "names_path", "best_mIoU_model_path",
+             "best_mIoU_save_folder")
+
+
+# ---------------------------------------------------------------------------------------------
+# Relative paths
+
+
+def is_repository_config(config_path: Optional[str]) -> bool:
+    """True for a YAML inside the repository's ``config/`` directory."""
+    if not config_path:
+        return False
+    try:
+        Path(config_path).resolve().relative_to(REPO_ROOT / "config")
+    except ValueError:
+        return False
+    return True
+
+
+def rebase_repository_paths(cfg, config_path: Optional[str], overridden: Iterable[str]) -> None:
+    """Make the relative paths that come from a repository config relative to the repository root
+    (in place). Keys in ``overridden`` came from the command line and keep their meaning (relative
+    to the current directory). Nothing changes when the current directory is the repository root."""
+    if not is_repository_config(config_path):
+        return
+    if Path.cwd().resolve() == REPO_ROOT:
+        return
+    overridden = set(overridden)
+    for key in PATH_KEYS:
+        value = cfg.get(key)
+        if key in overridden or not isinstance(value, str) or not value or os.path.isabs(value):
+            continue
+        if key == "resume" and value == "auto":
+            continue
+        cfg[key] = os.path.normpath(os.path.join(REPO_ROOT, os.path.expanduser(value)))
+
+
+def expand_user_paths(cfg) -> None:
+    """``~/runs`` -> ``/home/me/runs`` for every path key (a quoted ``~`` reaches us unexpanded)."""
+    for key in PATH_KEYS:
+        value = cfg.get(key)
+        if isinstance(value, str) and value.startswith("~"):
+            cfg[key] = os.path.expanduser(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# A run's files
+
+
+def run_directory(checkpoint_dir: str) -> str:
+    """The run a checkpoint folder belongs to: its parent when the folder is named ``model`` (the
+    release's ``exp/DATASET/EXP/model`` layout), else the folder itself."""
+    checkpoint_dir = os.path.normpath(checkpoint_dir)
+    return os.path.dirname(checkpoint_dir) if os.path.basename(checkpoint_dir) == "model" else checkpoint_dir
+
+
+def result_name(model_path: str) -> str:
+    """``train_epoch_4.pth`` -> ``epoch_4``; ``best_mIoU.pth`` -> ``best_mIoU``; ``x.pth`` -> ``x``."""
+    stem = Path(model_path).stem
+    return stem[len("train_"):] if stem.startswith("train_epoch_") else stem
+
+
+def results_folder(model_path: str, split: str, scales: Sequence[float]) -> str:
+    """Where tool/test.py writes the predictions and metrics of ``model_path``:
+    ``RUN/result/NAME/SPLIT/ss`` (single scale 1.0) or ``.../ms`` (any other scales)."""
+    kind = "ss" if [float(s) for s in scales] == [1.0] else "ms"
+    run = run_directory(os.path.dirname(model_path) or ".")
+    return os.path.join(run, "result", result_name(model_path), split, kind)
+
+
+def run_checkpoint(save_path: str, epochs: int) -> str:
+    """The checkpoint a finished run of ``epochs`` epochs ends with (tool/train.py always saves the last epoch)."""
+    from util.checkpoint import checkpoint_path
+
+    return checkpoint_path(save_path, epochs)
+
+
+def resolve_test_paths(cfg) -> List[str]:
+    """Fill in the checkpoints and result folders the user did not set, from the run (in place).
+
+    * ``model_path`` empty: the run's last checkpoint, ``save_path/train_epoch_{epochs}.pth``; then
+      ``best_mIoU_model_path`` empty: the run's ``best_mIoU.pth`` if it has one. (A ``model_path``
+      given by the user is evaluated alone, unless ``best_mIoU_model_path`` is given too.)
+    * ``save_folder`` / ``best_mIoU_save_folder`` empty: :func:`results_folder` of their checkpoint.
+
+    Returns one line per derived key, for the log.
+    """
+    from util.checkpoint import BEST_CHECKPOINT
+
+    derived = []
+    if not cfg.get("model_path") and cfg.get("save_path"):
+        cfg.model_path = run_checkpoint(cfg.save_path, cfg.epochs)
+        derived.append(f"model_path {cfg.model_path} (save_path, epochs {cfg.epochs})")
+        best = os.path.join(cfg.save_path, BEST_CHECKPOINT)
+        if not cfg.get("best_mIoU_model_path") and os.path.isfile(best):
+            cfg.best_mIoU_model_path = best
+            derived.append(f"best_mIoU_model_path {best} (the run's best checkpoint)")
+    for model_key, folder_key in (("model_path", "save_folder"), ("best_mIoU_model_path", "best_mIoU_save_folder")):
+        if cfg.get(model_key) and not cfg.get(folder_key):
+            cfg[folder_key] = results_folder(cfg[model_key], cfg.split, cfg.scales)
+            derived.append(f"{folder_key} {cfg[folder_key]} (beside {model_key})")
+    return derived
+
+
+def timestamp() -> str:
+    return time.strftime("%Y%m%d_%H%M%S")
+
+
+def training_log_paths(save_path: str, stamp: str):
+    """(log, effective config copy) of one start of tool/train.py: ``save_path/train-STAMP.{log,yaml}``."""
+    return os.path.join(save_path, f"train-{stamp}.log"), os.path.join(save_path, f"train-{stamp}.yaml")
+
+
+def evaluation_log_path(save_folder: str, stamp: str) -> str:
+    """The log of one tool/test.py run: ``save_folder/test-STAMP.log``, beside the metrics."""
+    return os.path.join(save_folder, f"test-{stamp}.log")
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages about a checkpoint path that leads somewhere
+
+
+def checkpoint_path_problem(key: str, path: str) -> Optional[str]:
+    """None when ``path`` is a file; else a message saying what ``path`` is and what to give instead.
+
+    A directory is named as one (with the checkpoints of a run directory listed); a missing
+    ImageNet file (``pretrained``) says where it comes from and how to train without it.
+    """
+    from util.checkpoint import BEST_CHECKPOINT, list_epoch_checkpoints
+
+    if os.path.isfile(path):
+        return None
+    if os.path.isdir(path):
+        found = [os.path.basename(p) for _, p in list_epoch_checkpoints(path)]
+        if os.path.isfile(os.path.join(path, BEST_CHECKPOINT)):
+            found.append(BEST_CHECKPOINT)
+        if found:
+            return (f"{key} {path} is a directory, not a checkpoint file; it holds {', '.join(found)}: "
+                    f"give one of them, e.g. {key} {os.path.join(path, found[-1])}")
+        return f"{key} {path} is a directory, not a checkpoint file (it holds no train_epoch_N.pth or {BEST_CHECKPOINT})"
+    if key == "resume":
+        return (f"resume checkpoint not found: {path} (use 'resume auto' to continue from the newest "
+                f"train_epoch_N.pth in save_path if there is one)")
+    if key == "pretrained":
+        return (f"pretrained file not found: {path}: it is the ImageNet classification checkpoint of the backbone "
+                f"(download page and file names: {RELEASED_WEIGHTS_HINT}); or set pretrained '' to train "
+                f"from scratch")
+    message = f"{key} file not found: {path}"
+    folder = os.path.dirname(path)
+    if folder and os.path.isdir(folder):
+        found = [os.path.basename(p) for _, p in list_epoch_checkpoints(folder)]
+        if os.path.isfile(os.path.join(folder, BEST_CHECKPOINT)):
+            found.append(BEST_CHECKPOINT)
+        if found:
+            message += (f" ({folder} holds {', '.join(found)}; a run's checkpoint is found from save_path and "
+                        f"epochs, so give the same epochs as for training, or {key} with one of these)")
+    if key in ("model_path", "weight", "best_mIoU_model_path"):
+        message += f"; the released ADE20K checkpoints are listed in {RELEASED_WEIGHTS_HINT}"
+    return message
+
+
+def check_checkpoint_paths(cfg, keys: Sequence[str]) -> None:
+    """Raise ConfigError for the first of ``keys`` whose (set) value is not a file."""
+    from util.config import ConfigError
+
+    for key in keys:
+        value = cfg.get(key)
+        if value and not (key == "resume" and value == "auto"):
+            problem = checkpoint_path_problem(key, value)
+            if problem:
+                raise ConfigError(problem)
