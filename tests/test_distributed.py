@@ -428,3 +428,27 @@ def test_a_problem_on_one_rank_stops_all_at_start(tmp_path, fault):
         assert re.search("config error: " + expected, output), output[-3000:]
         assert "save_path must be a shared directory" in output
         assert "Traceback" not in output
+
+
+BROADCAST_BUFFERS_SCRIPT = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {repo!r})
+from util.distributed import broadcast_buffers
+dist.init_process_group("gloo")
+bn = torch.nn.BatchNorm2d(3)
+bn.running_mean.fill_(float(dist.get_rank() + 1))  # each process's own statistics, as after a DDP step
+broadcast_buffers(bn)
+assert torch.all(bn.running_mean == 1.0), bn.running_mean
+dist.destroy_process_group()
+"""
+
+
+def test_broadcast_buffers_gives_every_process_rank0s_statistics(tmp_path):
+    """After DDP training each process holds BatchNorm statistics updated by its own last batch; the
+    validation first copies rank 0's (the checkpoint's) to all, so every shard scores the saved model."""
+    script = tmp_path / "bb.py"
+    script.write_text(BROADCAST_BUFFERS_SCRIPT.format(repo=str(Path(__file__).resolve().parents[1])))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout + result.stderr

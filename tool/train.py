@@ -405,6 +405,7 @@ def validate(cfg, ctx, model, data: TrainingData, optim: Optimization, epoch_log
     """The per-epoch validation of ``val_mode`` (whole images or centre crops); logs and writes
     ``{loss,mIoU,mAcc,allAcc}_val`` (loss in crop mode only) at ``epoch_log``."""
     title = f"Val epoch [{epoch_log}/{cfg.epochs}]"
+    dist_utils.broadcast_buffers(model)  # every process scores the model rank 0 saves
     if cfg.val_mode == "whole":
         stats = validate_whole_images(cfg, ctx, model, data.val_entries, logger, title, writer, epoch_log)
     else:
@@ -435,6 +436,7 @@ def report_final_and_best(cfg, ctx, model, data: TrainingData, last_whole: Optio
     whole_cfg = type(cfg)(cfg, val_mode="whole")
     protocol = validation_protocol(whole_cfg)
     results: Dict[str, Any] = {}
+    dist_utils.broadcast_buffers(model)
     results["final"] = last_whole or validate_whole_images(cfg, ctx, model, data.val_entries, logger,
                                                            "Val final model")
     best_path = os.path.join(cfg.save_path, BEST_CHECKPOINT)

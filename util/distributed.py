@@ -360,6 +360,18 @@ def all_gather_object(value) -> list:
     return gathered
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every process rank ``src``'s buffers of ``module`` (BatchNorm running statistics), in place.
+
+    DDP broadcasts them at the start of each forward, but the forward then updates each process's
+    copy with its own batch, so after training the processes disagree; rank 0's copy is the one
+    saved in checkpoints, and evaluating anything else would score a model nobody can load.
+    """
+    if is_distributed() and get_world_size() > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=src)
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
