@@ -43,29 +43,22 @@ def _cfg_value(cfg: Any, key: str, default: Any = _MISSING) -> Any:
     return value
 
 
-def build_model(cfg: Any, load_pretrained: bool = False) -> nn.Module:
-    """Build the segmentation model described by ``cfg``.
+def build_model(cfg: Any) -> nn.Module:
+    """Build the segmentation model described by ``cfg``, freshly initialised.
 
-    Reads ``arch``, ``backbone_net``, ``layers``, ``classes``, ``zoom_factor`` (default 8),
-    ``backbone_output_stride`` (default 8) and ``pretrained``. The ImageNet backbone weights in
-    ``cfg.pretrained`` are loaded only when ``load_pretrained`` is True and the path is set (testing
-    or resuming replaces all weights anyway, so they need not exist then).
+    Reads ``arch``, ``backbone_net``, ``layers``, ``classes``, ``zoom_factor`` (default 8) and
+    ``backbone_output_stride`` (default 8). Weights are the caller's business: training loads the
+    ImageNet backbone of ``cfg.pretrained`` with ``util.checkpoint.load_pretrained_backbone``,
+    testing a checkpoint with ``util.checkpoint.load_model_weights``.
 
     Raises:
         ValueError: unknown arch/backbone (the message lists the registered names) or bad values.
-        util.checkpoint.CheckpointError: the pretrained file is missing, unreadable or mismatched.
     """
     arch = ARCHITECTURES.get(_cfg_value(cfg, "arch"))
     make_backbone = BACKBONES.get(_cfg_value(cfg, "backbone_net"))
     backbone = make_backbone(layers=_cfg_value(cfg, "layers"),
                              output_stride=_cfg_value(cfg, "backbone_output_stride", 8))
-    model = arch(backbone=backbone, classes=_cfg_value(cfg, "classes"), zoom_factor=_cfg_value(cfg, "zoom_factor", 8))
-    pretrained = _cfg_value(cfg, "pretrained", None)
-    if load_pretrained and pretrained:
-        from util.checkpoint import load_pretrained_backbone
-
-        load_pretrained_backbone(model, pretrained)
-    return model
+    return arch(backbone=backbone, classes=_cfg_value(cfg, "classes"), zoom_factor=_cfg_value(cfg, "zoom_factor", 8))
 
 
 __all__ = ["ARCHITECTURES", "BACKBONES", "OUTPUT_STRIDES", "ZOOM_FACTORS", "build_model", "register_arch", "register_backbone", "registered_archs", "registered_backbones",

@@ -107,7 +107,8 @@ ShortcutFactory = Callable[[int, int, StagePlan], Optional[nn.Module]]
 
 
 class Backbone(nn.Module):
-    """Stem ``layer0`` and four bottleneck stages ``layer1..layer4``.
+    """Stem ``layer0`` and four bottleneck stages ``layer1..layer4``: a container without a
+    forward of its own, since the segmentation model adopts the stages and runs them itself.
 
     Args:
         stem: the ``layer0`` module (stride 2 or 4).
@@ -142,12 +143,6 @@ class Backbone(nn.Module):
         self.layer4_channels = stage_channels[3]
         self.output_stride = _total_stride(stem, plans)
         initialize_backbone(self)
-
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Returns the layer3 and layer4 feature maps."""
-        x = self.layer2(self.layer1(self.layer0(x)))
-        layer3 = self.layer3(x)
-        return layer3, self.layer4(layer3)
 
 
 def _total_stride(stem: nn.Module, plans: Sequence[StagePlan]) -> int:

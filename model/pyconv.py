@@ -48,11 +48,11 @@ class SingleOutputGroupConv2d(nn.Conv2d):
 
     Same parameters (``weight`` of shape (groups, in/groups, k, k)) and the same function up to
     float summation order: the depthwise kernel ``c`` is ``weight.view(in, 1, k, k)[c]``, i.e.
-    input channel ``c`` of group ``c // (in/groups)``. Why: oneDNN's kernels for groups of
-    4 -> 1 channels run at a few percent of the machine's rate, its depthwise kernels several
-    times faster (2-core AVX-512 CPU, one thread: 5x for PyConvResNet layer1's 9x9 level). On two
-    threads a PyConvHGResNet-50 forward (every layer1 level is 4 -> 1 there) gets 7 % faster in
-    float32 and bfloat16; PyConvResNet-50 (one such level) and training steps are unchanged.
+    input channel ``c`` of group ``c // (in/groups)``. Why: oneDNN (PyTorch's CPU convolutions)
+    has no fast kernel for groups of several inputs and one output and runs them at a small
+    fraction of the machine's rate, while its depthwise kernels are well optimised. What that is
+    worth depends on the CPU and the network (PyConvHGResNet has many such levels, PyConvResNet
+    one); the benchmark (README "Performance") measures it.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

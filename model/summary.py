@@ -38,7 +38,7 @@ def summarize(cfg, height: Optional[int] = None, width: Optional[int] = None,
     height = int(height if height is not None else cfg.train_h)
     width = int(width if width is not None else cfg.train_w)
     with torch.device(device):
-        model = build_model(cfg, load_pretrained=False)
+        model = build_model(cfg)
     model.eval()
     image = torch.zeros(1, 3, height, width, device=device)
 

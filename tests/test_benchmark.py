@@ -3,10 +3,8 @@ fast paths' equivalence."""
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from tiny_runs import load_script
 from util.cli import run_cli
@@ -23,18 +21,6 @@ def bench_tool(repo_root):
 @pytest.fixture(scope="module")
 def bf16_tool(repo_root):
     return load_script("tool/analysis_tools/check_bf16.py", "check_bf16_tool")
-
-
-def _randomise_batchnorm(model, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                n = module.num_features
-                module.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
-                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-                module.bias.copy_(torch.rand(n, generator=generator) * 0.4 - 0.2)
 
 
 def test_warm_up_stops_at_the_first_call_without_new_pages(monkeypatch):
@@ -151,45 +137,3 @@ def test_check_bf16_on_real_images(bf16_tool, camvid_root, repo_root, monkeypatc
     assert curve["fp32"][0] == pytest.approx(curve["bf16"][0], rel=0.1)
     assert 0 <= result["agreement"]["bf16_equal_fp32_fraction"] <= 1 and result["agreement"]["images"] == 1
     assert "| bf16 pixels equal to fp32 (1 real images) |" in (tmp_path / "bf16.md").read_text()
-
-
-def test_fold_batchnorm_keeps_the_function(repo_root, monkeypatch):
-    from model import build_model
-    from util.inference import fold_batchnorm, predict_multiscale, prepare_inference_model
-    from util.transforms import MEAN, STD
-
-    monkeypatch.chdir(repo_root)
-    torch.manual_seed(0)
-    model = build_model(load_cfg(CONFIG, []))
-    _randomise_batchnorm(model)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    folded = fold_batchnorm(model)
-    # The original is untouched (still training mode, same weights); only the aux BN stays in the copy.
-    assert model.training and all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == 1
-    model.eval()
-    x = torch.randn(2, 3, 41, 49)
-    with torch.no_grad():
-        torch.testing.assert_close(folded(x), model(x), atol=1e-4, rtol=1e-4)
-    image = (np.random.default_rng(0).random((30, 40, 3)) * 255).astype(np.float32)
-    fast = prepare_inference_model(model, torch.device("cpu"), channels_last=True)
-    args = (11, 33, [0.8, 1.0], 50, MEAN, STD)  # 30x40 -> 30x40 (1 padded window) and 38x50 (2x2)
-    reference = predict_multiscale(model, image, *args, return_probs=True, channels_last=False, batch_size=1)
-    probs = predict_multiscale(fast, image, *args, return_probs=True, batch_size=8)
-    torch.testing.assert_close(probs, reference, atol=1e-5, rtol=1e-4)
-
-
-def test_keep_freed_memory_for_reuse_in_a_subprocess(repo_root):
-    import os
-    import subprocess
-    import sys
-
-    code = "from util.perf import keep_freed_memory_for_reuse as k; import torch; k(); x = torch.ones(1 << 24); print(k())"
-    env = dict(os.environ)
-    done = subprocess.run([sys.executable, "-c", code], cwd=repo_root, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    if sys.platform.startswith("linux"):
-        assert done.stdout.strip() == "True"
-    env["PYCONV_DEFAULT_MALLOC"] = "1"
-    done = subprocess.run([sys.executable, "-c", code], cwd=repo_root, env=env, capture_output=True, text=True)
-    assert done.returncode == 0 and done.stdout.strip() == "False"

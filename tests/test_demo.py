@@ -17,9 +17,9 @@ import pytest
 from tiny_runs import load_script
 from util.config import load_cfg
 from util.dataset import read_colors, read_list, read_names
+from conftest import REPO_ROOT
 from util.runs import resolve_test_paths
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "config" / "demo" / "demo_pyconvresnet50_pyconvsegnet.yaml"
 
 

@@ -14,8 +14,8 @@ import torch
 
 from util import distributed as dist_utils
 from util.config import load_cfg
+from conftest import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _clean_env(**extra):

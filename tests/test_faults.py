@@ -24,8 +24,8 @@ import yaml
 
 from tiny_runs import load_script
 from util import cli as util_cli
+from conftest import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASSES = 3
 HEIGHT, WIDTH = 40, 44
 MODEL_BUILT = "pyconvsegnet on resnet50"  # tool/train.py's log line right after build_model

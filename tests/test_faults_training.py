@@ -26,8 +26,8 @@ import torch
 from tiny_runs import load_script, write_tiny_config
 from util.checkpoint import load_checkpoint_file, save_checkpoint
 from util.cli import run_cli
+from conftest import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO_ROOT / "tool" / "train.py"
 TEMPORARY = re.compile(r"^\..+\.pth\.\d+\.[0-9a-f]{8}\.tmp$")  # util.checkpoint.save_checkpoint's temp files
 MODEL_BUILT = "pyconvsegnet on resnet50"  # logged by tool/train.py right after build_model

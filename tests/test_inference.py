@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from release_reference import release_predict
+from util.config import load_cfg
 from util.inference import (model_is_channels_last, multiscale_probs, predict_multiscale, scaled_size,
                             sliding_window_probs, window_starts, window_stride)
 
@@ -240,3 +241,41 @@ def test_fold_batchnorm_checks_in_float32_and_logs_which_path():
     with exact_float32():
         assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
     assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+
+
+def _randomise_batchnorm(model, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                n = module.num_features
+                module.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
+                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.bias.copy_(torch.rand(n, generator=generator) * 0.4 - 0.2)
+
+
+def test_fold_batchnorm_keeps_the_function(repo_root, monkeypatch):
+    from model import build_model
+    from util.inference import fold_batchnorm, predict_multiscale, prepare_inference_model
+    from util.transforms import MEAN, STD
+
+    monkeypatch.chdir(repo_root)
+    torch.manual_seed(0)
+    model = build_model(load_cfg("config/camvid/camvid_pyconvresnet50_pyconvsegnet.yaml", []))
+    _randomise_batchnorm(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fold_batchnorm(model)
+    # The original is untouched (still training mode, same weights); only the aux BN stays in the copy.
+    assert model.training and all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == 1
+    model.eval()
+    x = torch.randn(2, 3, 41, 49)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-4, rtol=1e-4)
+    image = (np.random.default_rng(0).random((30, 40, 3)) * 255).astype(np.float32)
+    fast = prepare_inference_model(model, torch.device("cpu"), channels_last=True)
+    args = (11, 33, [0.8, 1.0], 50, MEAN, STD)  # 30x40 -> 30x40 (1 padded window) and 38x50 (2x2)
+    reference = predict_multiscale(model, image, *args, return_probs=True, channels_last=False, batch_size=1)
+    probs = predict_multiscale(fast, image, *args, return_probs=True, batch_size=8)
+    torch.testing.assert_close(probs, reference, atol=1e-5, rtol=1e-4)

@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Prints every argument on its own line (quoting stays visible) and what the task would inherit.
 STUB_SRUN = """#!/bin/sh

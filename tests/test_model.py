@@ -4,7 +4,6 @@ Layout tests build models on the ``meta`` device (shapes only, no memory, no ini
 use depth-50 models on 65x65 inputs.
 """
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -34,22 +33,16 @@ def shapes(state_dict):
 
 
 @pytest.fixture(scope="module")
-def shared_reference() -> Path:
-    """../shared/reference, or skip (kept local so this file also runs without the lead's conftest)."""
-    path = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
-    if not (path / "state_dict_keys.json").is_file() or not (path / "imagenet_backbone_keys.json").is_file():
-        pytest.skip(f"release reference files not found at {path}")
-    return path
+def release_layouts(reference_dir):
+    return json.loads((reference_dir / "state_dict_keys.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def release_layouts(shared_reference):
-    return json.loads((shared_reference / "state_dict_keys.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def imagenet_layouts(shared_reference):
-    return json.loads((shared_reference / "imagenet_backbone_keys.json").read_text())
+def imagenet_layouts(reference_dir):
+    path = reference_dir / "imagenet_backbone_keys.json"
+    if not path.is_file():
+        pytest.skip(f"release reference file not found: {path}")
+    return json.loads(path.read_text())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import REPO_ROOT
 from tiny_runs import load_script, make_cfg, write_tiny_config
 from util.cli import EXIT_CONFIG, run_cli
 from util.config import ConfigError, unregister_keys
@@ -238,8 +239,6 @@ def test_loss_registered_in_a_file_is_selectable_by_name(tmp_path, one_thread, t
 
 
 def readme_example(tmp_path, heading: str, file_name: str) -> str:
-    from conftest import REPO_ROOT
-
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
     section = re.split(r"\n##+ ", readme.split(f"### {heading}\n", 1)[1], 1)[0]
     path = tmp_path / file_name

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from tiny_runs import write_tiny_config
-from util.checkpoint import checkpoint_path, find_resume_checkpoint, list_training_checkpoints, prune_checkpoints
+from util.training_checkpoints import checkpoint_path, find_resume_checkpoint, list_training_checkpoints, prune_checkpoints
 from util.cli import StopSignals
 from util.distributed import TrainSampler
+from conftest import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO_ROOT / "tool" / "train.py"
 
 

@@ -8,8 +8,8 @@ import numpy as np
 
 from tiny_runs import load_script
 from util.preparation import TEMP_MARKER
+from conftest import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TOOL = REPO_ROOT / "tool" / "dataset_converters" / "prepare_ade20k.py"
 
 

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from tiny_runs import load_script
 from util.config import load_cfg
+from conftest import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 ADE20K_CONFIG = REPO_ROOT / "config" / "ade20k" / "ade20k_pyconvresnet50_pyconvsegnet.yaml"
 DEMO_CONFIG = REPO_ROOT / "config" / "demo" / "demo_pyconvresnet50_pyconvsegnet.yaml"
 

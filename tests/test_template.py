@@ -23,8 +23,8 @@ from util import engine
 from util.config import load_cfg
 from util.losses import build_criterion
 from util.optim import build_optimizer, build_scheduler
+from conftest import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture

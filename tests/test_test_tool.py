@@ -13,8 +13,8 @@ import torch
 import yaml
 
 from util.config import load_cfg
+from conftest import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASSES = 3
 IMAGE_SIZES = [(60, 80), (80, 60), (50, 50), (70, 90)]  # (h, w): padded, multi-window, portrait, landscape
 

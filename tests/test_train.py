@@ -19,8 +19,8 @@ from util import engine
 from util.config import ConfigError
 from util.losses import LOSSES, SegmentationCrossEntropy, build_criterion, match_target_size, register_loss
 from util.optim import PolyDecay, build_optimizer, build_param_groups, build_scheduler
+from conftest import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------

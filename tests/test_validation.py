@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import REPO_ROOT
 from tiny_runs import load_script, write_tiny_config
 from util import engine
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ from util.checkpoint import load_model_weights
 train = load_script("tool/train.py", "train_tool")
 cfg = load_cfg({config!r}, ["val_scales", "[1.0, 0.75]", "val_flip", "True"])
 ctx = dist_utils.init_distributed(cfg)
-model = build_model(cfg, load_pretrained=False)
+model = build_model(cfg)
 load_model_weights(model, {checkpoint!r})
 model = model.to(memory_format=torch.channels_last)
 entries = SegDataset("val", cfg.data_root, cfg.val_list).entries

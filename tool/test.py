@@ -36,7 +36,8 @@ import torch  # noqa: E402
 from util.checkpoint import CheckpointError  # noqa: E402
 from util.cli import exit_with  # noqa: E402
 from util.config import ConfigError, parse_cli  # noqa: E402
-from util.dataset import DataError, ListEntry, load_label, output_names, read_list_entries  # noqa: E402
+from util.dataset import (DataError, ListEntry, check_listed_files, load_label, output_names,  # noqa: E402
+                          read_list_entries)
 from util.distributed import describe_launch, detect_launcher, init_distributed, launcher_world_size  # noqa: E402
 from util.engine import evaluate_images, whole_image_predictor  # noqa: E402
 from util.inference import inference_kwargs, load_inference_model  # noqa: E402
@@ -81,14 +82,6 @@ def _setup_distributed(cfg):
         context = init_distributed(cfg)
         return context.rank, context.world_size, context.device, context
     return 0, 1, select_device(cfg.device), None
-
-
-def check_listed_files(entries: Sequence, list_path, need_images: bool, need_labels: bool) -> None:
-    """Raise DataError naming the list line of the first listed file that does not exist (before any inference)."""
-    for entry in entries:
-        for kind, path, needed in (("image", entry.image_path, need_images), ("label", entry.label_path, need_labels)):
-            if needed and path is not None and not os.path.isfile(path):
-                raise DataError(f"list {list_path} line {entry.line_number}: {kind} not found: {path}")
 
 
 PREDICTION_RECORD = "predictions.json"  # how the gray maps of a save folder were made
@@ -215,8 +208,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             torch.backends.cudnn.benchmark = True  # every window has the same shape
         entries = select_items(read_list_entries(cfg.test_list, cfg.data_root, cfg.split), cfg.index_start,
                                cfg.index_step)
-        check_listed_files(entries, cfg.test_list, need_images=not cfg.has_prediction,
-                           need_labels=cfg.split != "test")
+        check_listed_files(entries, cfg.test_list, images=not cfg.has_prediction, labels=cfg.split != "test")
         names = output_names(entries)
         logger.info(f"=> {len(entries)} images of {cfg.test_list} (split {cfg.split}), {world_size} process(es)")
         for model_path, save_folder in runs:

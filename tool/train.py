@@ -42,16 +42,18 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from util import distributed as dist_utils  # noqa: E402
-from util import engine  # noqa: E402  (engine.train_one_epoch is looked up at call time: tests patch it)
-from util.checkpoint import (BEST_CHECKPOINT, CheckpointError, add_mid_epoch_state,  # noqa: E402
-                              check_training_checkpoint, checkpoint_path, find_resume_checkpoint,
-                              list_training_checkpoints, make_checkpoint, prune_checkpoints, save_training_checkpoint)
+from util import engine  # noqa: E402
+from util.checkpoint import CheckpointError  # noqa: E402
 from util.cli import STOP_SIGNALS, StopSignals, TrainingStopped, exit_with, ignore_stop_signals  # noqa: E402
 from util.config import ConfigError, dump_cfg, load_cfg  # noqa: E402
 from util.misc import format_seconds, get_logger, restore_rng_state, rng_state, set_seed  # noqa: E402
 from util.precision import autocast_dtype_for, check_device_support  # noqa: E402
 from util.preparation import missing_list_hint  # noqa: E402
 from util.runs import check_checkpoint_paths, timestamp, training_log_paths  # noqa: E402
+from util.training_checkpoints import (BEST_CHECKPOINT, add_mid_epoch_state,  # noqa: E402
+                                       check_training_checkpoint, checkpoint_path, find_resume_checkpoint,
+                                       list_training_checkpoints, make_checkpoint, prune_checkpoints,
+                                       save_training_checkpoint)
 
 # ---------------------------------------------------------------------------------------------
 # Command line and checks that run before anything heavy
@@ -180,8 +182,8 @@ def build_loaders(cfg, ctx, seed: int) -> TrainingData:
     from util.dataset import SegDataset
     from util.transforms import build_train_transform, build_val_transform
 
-    # No util.dataset.worker_init_fn: its cv2.setNumThreads() deadlocks in a forked worker once this
-    # process has used OpenCV's thread pool (e.g. a previous in-process run with workers 0).
+    # No worker_init_fn: augmentation is seeded per sample (SegDataset), and a cv2.setNumThreads() in a
+    # forked worker deadlocks once this process has used OpenCV's thread pool (e.g. an earlier run).
     world = ctx.world_size
     batch_size = cfg.batch_size // world  # batch_size is the total over all processes of all nodes
     if batch_size < 1:
@@ -249,10 +251,11 @@ def build_training_model(cfg, ctx, has_checkpoint: bool, logger):
     another class count (fine-tuning; not when resuming: the checkpoint's weights come later),
     SyncBatchNorm when distributed on CUDA."""
     from model import build_model
-    from util.checkpoint import load_weights_for_fine_tuning
+    from util.checkpoint import load_pretrained_backbone, load_weights_for_fine_tuning
 
-    model = build_model(cfg, load_pretrained=True)
+    model = build_model(cfg)
     if cfg.pretrained:
+        load_pretrained_backbone(model, cfg.pretrained)
         logger.info(f"backbone initialised from {cfg.pretrained}")
     if cfg.weight and not has_checkpoint:
         reinitialised = load_weights_for_fine_tuning(model, cfg.weight)
@@ -447,7 +450,7 @@ def report_final_and_best(cfg, ctx, model, data: TrainingData, last_whole: Optio
     elif best_epoch is not None:
         from model import build_model
 
-        best_model = build_model(cfg, load_pretrained=False)
+        best_model = build_model(cfg)
         load_model_weights(best_model, best_path)  # every process reads save_path (one machine or a shared disk)
         results["best"] = validate_whole_images(cfg, ctx, best_model.to(ctx.device), data.val_entries, logger,
                                                 "Val best_mIoU.pth")

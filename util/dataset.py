@@ -30,8 +30,8 @@ import numpy as np
 import torch.utils.data
 
 __all__ = [
-    "DataError", "ListEntry", "read_list", "read_list_entries", "output_names", "load_image", "load_label", "SegDataset",
-    "worker_init_fn", "read_names", "read_colors", "IMAGE_EXTENSIONS",
+    "DataError", "ListEntry", "read_list", "read_list_entries", "check_listed_files", "output_names", "load_image", "load_label", "SegDataset",
+    "read_names", "read_colors", "IMAGE_EXTENSIONS",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
@@ -224,6 +224,15 @@ def load_label(path, where: str = "") -> np.ndarray:
     raise DataError(f"label {described} has unsupported pixel type {label.dtype}")
 
 
+def check_listed_files(entries: Sequence[ListEntry], list_path, images: bool = True, labels: bool = True) -> None:
+    """Raise DataError naming the list line of the first listed image (``images``) or label
+    (``labels``) that does not exist, before any of them is read."""
+    for entry in entries:
+        for kind, path, needed in (("image", entry.image_path, images), ("label", entry.label_path, labels)):
+            if needed and path is not None and not os.path.isfile(path):
+                raise DataError(f"list {list_path} line {entry.line_number}: {kind} not found: {path}")
+
+
 class SegDataset(torch.utils.data.Dataset):
     """Images and labels from a list file; transform applied per sample.
 
@@ -253,11 +262,7 @@ class SegDataset(torch.utils.data.Dataset):
         self.ignore_label = int(ignore_label)
         self.epoch = 0
         self._entries = read_list_entries(data_list, data_root, split)
-        for entry in self._entries:
-            for kind, path in (("image", entry.image_path), ("label", entry.label_path)):
-                if path is not None and not os.path.isfile(path):
-                    raise DataError(f"list {self.data_list} line {entry.line_number}: {kind} not found: {path}")
-        self.items: list[tuple[str, Optional[str]]] = [(e.image_path, e.label_path) for e in self._entries]
+        check_listed_files(self._entries, self.data_list)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -326,16 +331,6 @@ class SegDataset(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return (f"SegDataset(split={self.split!r}, list={self.data_list!r}, samples={len(self)}, "
                 f"seed={self.seed}, epoch={self.epoch})")
-
-
-def worker_init_fn(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn`` for SegDataset: currently nothing needs per-worker setup.
-
-    Augmentation is seeded per sample (see SegDataset), so workers need no seeding. It deliberately does NOT
-    call ``cv2.setNumThreads``: in a worker forked after the parent process ran OpenCV's parallel code (e.g.
-    a transform in the main process), that call deadlocks inside OpenCV's thread pool (seen with OpenCV 5).
-    """
-    del worker_id
 
 
 def _read_text_lines(path, kind: str) -> list[str]:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from util.config import check_choice, register_keys, require
-from util.distributed import all_reduce_sum, get_rank
+from util.distributed import ShardSampler, all_reduce_sum, get_rank
 from util.losses import match_target_size
 from util.metrics import class_range_error, confusion_counts, confusion_matrix, metrics_from_confusion
 from util.misc import AverageMeter, format_seconds
@@ -341,7 +341,7 @@ def evaluate_images(entries: Sequence, predict: Predictor, num_classes: int, dev
     """
     from util.dataset import DataError, load_label
 
-    my_indices = list(range(rank, len(entries), world_size))
+    my_indices = ShardSampler(len(entries), num_replicas=world_size, rank=rank)
     total_cm = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
     progress = ProgressLine(title, len(my_indices), logger)
     for done, index in enumerate(my_indices, 1):

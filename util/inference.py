@@ -1,7 +1,6 @@
 """Multi-scale, flipped, sliding-window inference of the release's test script.
 
-The arithmetic is the release's (see tool/test.py of the published code and
-shared/reference/BEHAVIOUR.md "Test-time inference"):
+The arithmetic is the release's test script's:
 
 * per scale ``s`` the image is resized so that its long side is
   ``round(s * base_size)`` (Python's round, i.e. half to even), the short side
@@ -356,7 +355,7 @@ def load_inference_model(cfg, model_path, device: torch.device, fold_bn: bool = 
     if is_exported_model(model_path):
         return load_exported_model(model_path, device, cfg)
 
-    model = build_model(cfg, load_pretrained=False)
+    model = build_model(cfg)
     load_model_weights(model, model_path)
     return prepare_inference_model(model, device, channels_last=bool(cfg.get("channels_last")), fold_bn=fold_bn,
                                    compile=bool(cfg.get("compile")))

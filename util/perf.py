@@ -37,10 +37,9 @@ def keep_freed_memory_for_reuse() -> bool:
     to hundreds of MB. glibc maps every allocation above 32 MB freshly with mmap and unmaps it on
     free, so each new activation starts as untouched pages: one page fault and a kernel page
     clearing per 4 KB, paid again at every layer of every step. With mmap off (``M_MMAP_MAX`` 0)
-    and trimming off (``M_TRIM_THRESHOLD`` huge), freed blocks are reused as they are. On a 2-core
-    AVX-512 CPU (one thread, CPU time) this took PyConvSegNet-50's sliding-window test from 78 %
-    to 87 % of the float32 matmul rate (bf16: 74 % to 92 %) and a training step from 79 % to 86 %
-    (bf16: 71 % to 81 %). The same effect is what jemalloc / tcmalloc are recommended for.
+    and trimming off (``M_TRIM_THRESHOLD`` huge), freed blocks are reused as they are, which is
+    what jemalloc / tcmalloc are recommended for. The gain depends on the machine: compare a
+    benchmark run with and without ``--default-malloc`` (README "Performance").
 
     Cost: the process keeps its peak heap size until it exits (nothing is returned to the OS), so
     its resident memory is its high-water mark. Only glibc (Linux) is affected; elsewhere, or with

@@ -70,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as error:
         raise ConfigError(f"test_h x test_w: {error}") from None
     device = torch.device("cpu")  # export on the CPU; the file runs anywhere
-    reference = build_model(cfg, load_pretrained=False)
+    reference = build_model(cfg)
     load_model_weights(reference, cfg.model_path)
     reference.eval()
     network = prepare_inference_model(reference, device, channels_last=False)  # a BatchNorm-folded copy

@@ -53,6 +53,7 @@ def run_loss_curve(cfg, steps: int, device: torch.device) -> Dict:
     noise that the bf16-vs-fp32 difference is to be judged against."""
     from model import build_model
     from util import engine
+    from util.checkpoint import load_pretrained_backbone
 
     dataset = training_dataset(cfg)
     if dataset is None:
@@ -64,7 +65,9 @@ def run_loss_curve(cfg, steps: int, device: torch.device) -> Dict:
         samples = [dataset[(step * batch + i) % len(dataset)] for i in range(batch)]
         batches.append((torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])))
     torch.manual_seed(seed)
-    start = build_model(cfg, load_pretrained=True)
+    start = build_model(cfg)
+    if cfg.pretrained:
+        load_pretrained_backbone(start, cfg.pretrained)
     curves = {}
     for run_name, precision, dropout_seed in (("fp32", "fp32", 0), ("bf16", "bf16", 0),
                                               ("fp32_other_dropout", "fp32", 1)):

@@ -60,7 +60,7 @@ def benchmark_model(cfg, result: Dict) -> nn.Module:
     from model import build_model
 
     torch.manual_seed(0)
-    model = build_model(cfg, load_pretrained=False)
+    model = build_model(cfg)
     result["model"]["weights"] = load_weights_or_warn(cfg, model, result["warnings"]) or "random"
     result["model"]["parameters_m"] = sum(p.numel() for p in model.parameters()) / 1e6
     return model

@@ -28,7 +28,7 @@ def train_step_gflop(cfg, batch: int, height: int, width: int) -> Dict[str, floa
     from model import build_model
 
     with torch.device("meta"):
-        model = build_model(cfg, load_pretrained=False).train()
+        model = build_model(cfg).train()
     conv_flop: List[Tuple[float, bool]] = []
 
     def hook(module: nn.Conv2d, inputs, output) -> None:

@@ -36,7 +36,7 @@ def naive_job(cfg, args, device: torch.device) -> Dict:
     release_predict = release_predict_fn()
     crop, scales, base_size = eval_settings(cfg, args)
     torch.manual_seed(0)
-    model = build_model(cfg, load_pretrained=False)
+    model = build_model(cfg)
     load_weights_or_warn(cfg, model, [])
     model = model.to(device).eval()
     image = synthetic_image(*args.image_size)
