@@ -261,13 +261,14 @@ def test_torchrun_two_process_camvid_run(tmp_path, camvid_root):
     assert proc.returncode == 0, output[-4000:]
     assert "2 process(es)" in output and "batch_size 4 in total over 2 process(es): 2 per process per step, " \
         "2 iterations per epoch" in output
-    assert "crop-level score" in output
+    # validation is tool/test.py's whole-image protocol by default (val_mode whole), once per epoch
+    assert "Val result at epoch [1/2] (whole images" in output and "Val result at epoch [2/2] (whole images" in output
 
     # (2 epochs: after 2 steps at 2 images per process, BatchNorm's running statistics give mIoU 0 on val)
     path = tmp_path / "model" / "train_epoch_2.pth"
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # plain data only
     assert load_checkpoint_file(path)["epoch"] == 2
-    assert set(checkpoint) == {"epoch", "state_dict", "optimizer", "scheduler", "scaler", "best_mIoU", "cfg"}
+    assert set(checkpoint) == {"epoch", "state_dict", "optimizer", "scheduler", "scaler", "best_mIoU", "val_protocol", "cfg"}
     assert checkpoint["scaler"] is None and isinstance(checkpoint["cfg"], dict)
     assert checkpoint["cfg"]["classes"] == 11
 

@@ -182,8 +182,8 @@ def build_loaders(cfg, ctx, seed: int) -> TrainingData:
     from util.dataset import SegDataset
     from util.transforms import build_train_transform, build_val_transform
 
-    # No worker_init_fn: augmentation is seeded per sample (SegDataset), and a cv2.setNumThreads() in a
-    # forked worker deadlocks once this process has used OpenCV's thread pool (e.g. an earlier run).
+    # The workers' only set-up is ignoring stop signals (below): augmentation is seeded per sample
+    # (SegDataset), and a cv2.setNumThreads() in a forked worker deadlocks once this process has used OpenCV's thread pool (e.g. an earlier run).
     world = ctx.world_size
     batch_size = cfg.batch_size // world  # batch_size is the total over all processes of all nodes
     if batch_size < 1:

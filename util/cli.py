@@ -58,7 +58,23 @@ def exit_with(main: Callable[[], Optional[object]]) -> None:
     from util.perf import keep_freed_memory_for_reuse
 
     keep_freed_memory_for_reuse()  # CPU: reuse freed activation memory instead of fresh page faults
-    sys.exit(run_cli(main))
+    status = run_cli(main)
+    end_child_processes()
+    sys.exit(status)
+
+
+def end_child_processes() -> None:
+    """Kill the multiprocessing children still running at exit: DataLoader workers of a run that failed
+    or stopped mid-epoch. They ignore SIGTERM (:func:`ignore_stop_signals`), the signal multiprocessing's
+    exit handler ends daemonic children with, so the interpreter would otherwise wait for them forever."""
+    import multiprocessing
+
+    children = multiprocessing.active_children()
+    if children:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # exiting: no DataLoader "worker killed" error now
+    for child in children:
+        child.kill()
+        child.join(timeout=10)
 
 
 # ---------------------------------------------------------------------------------------------
