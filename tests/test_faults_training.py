@@ -386,8 +386,10 @@ def test_disk_full_during_training_previous_checkpoint_intact_then_resume(tmp_pa
     message = assert_one_line_error(capsys.readouterr().err, "error: could not write checkpoint",
                                     str(save_path / "train_epoch_2.pth"), "No space left on device", "intact")
     assert "\n" not in message
+    # (the run's TensorBoard events and its log + effective config, train-STAMP.{log,yaml}, live there too)
     assert sorted(os.listdir(save_path)) == sorted(["train_epoch_1.pth"] +
-                                                   [n for n in os.listdir(save_path) if n.startswith("events.")])
+                                                   [n for n in os.listdir(save_path) if n.startswith("events.")
+                                                    or re.fullmatch(r"train-\d{8}_\d{6}\.(log|yaml)", n)])
     assert load_checkpoint_file(save_path / "train_epoch_1.pth")["epoch"] == 1
 
     monkeypatch.undo()  # space freed: resume auto redoes only epoch 2
