@@ -136,6 +136,11 @@ def files_by_stem(folder: Path, suffixes: Iterable[str], strip: str = "", recurs
     return found
 
 
+def missing_folders(root: Path, kinds: Sequence[str], splits: Sequence[str]) -> List[str]:
+    """The ``kind/split`` folders of an official layout that are not under ``root`` (for a tool's layout check)."""
+    return [f"{kind}/{split}" for kind in kinds for split in splits if not (root / kind / split).is_dir()]
+
+
 def pair_by_stem(images: Mapping[str, Path], labels: Mapping[str, Path], what: str) -> List[str]:
     """The sorted keys present in both; images without a label and labels without an image are warned about."""
     for kind, names, table in (("image without label", sorted(set(images) - set(labels)), images),

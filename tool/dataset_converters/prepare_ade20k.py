@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from util.preparation import (IGNORE_LABEL, convert_labels, files_by_stem, pair_by_stem,  # noqa: E402
+from util.preparation import (IGNORE_LABEL, convert_labels, files_by_stem, missing_folders, pair_by_stem,  # noqa: E402
                               read_label_png, remap, run_preparation, write_list)
 
 SPLITS = ("training", "validation")
@@ -64,8 +64,7 @@ def prepare_split(root: Path, split: str, workers: int) -> tuple[list[str], int,
 
 
 def check_layout(args) -> Optional[str]:
-    missing = [f"{kind}/{split}" for kind in ("images", "annotations") for split in SPLITS
-               if not (args.root / kind / split).is_dir()]
+    missing = missing_folders(args.root, ("images", "annotations"), SPLITS)
     if missing:
         return (f"{args.root} does not look like ADEChallengeData2016: missing folder(s) {', '.join(missing)} "
                 f"(expected images/{{training,validation}} and annotations/{{training,validation}})")

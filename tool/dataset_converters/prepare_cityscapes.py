@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from util.preparation import (IGNORE_LABEL, convert_labels, files_by_stem, pair_by_stem,  # noqa: E402
+from util.preparation import (IGNORE_LABEL, convert_labels, files_by_stem, missing_folders, pair_by_stem,  # noqa: E402
                               read_label_png, remap, run_preparation, write_list)
 
 LABELLED_SPLITS = ("train", "val")
@@ -99,8 +99,7 @@ def prepare_split(root: Path, split: str, workers: int) -> tuple[int, int]:
 
 
 def check_layout(args) -> Optional[str]:
-    missing = [f"{kind}/{split}" for kind in ("leftImg8bit", "gtFine") for split in LABELLED_SPLITS
-               if not (args.root / kind / split).is_dir()]
+    missing = missing_folders(args.root, ("leftImg8bit", "gtFine"), LABELLED_SPLITS)
     if missing:
         return (f"{args.root} does not look like Cityscapes: missing folder(s) {', '.join(missing)} (unpack "
                 f"leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip into it)")
