@@ -42,3 +42,51 @@ def test_worker_traceback_is_cut_to_the_reason():
     wrapped = DataError("Caught DataError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"
                         "  File \"x.py\", line 1\nutil.dataset.DataError: list.txt line 9: label b.png not found\n")
     assert one_line_reason(wrapped) == "list.txt line 9: label b.png not found"
+
+
+def test_a_ctrl_c_inside_deferred_interrupt_is_raised_when_the_block_ends():
+    """The SIGINT arrives inside the block; the block still finishes, then KeyboardInterrupt is raised."""
+    import os
+    import signal
+
+    from util.cli import deferred_interrupt
+
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_interrupt():
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs between bytecodes: give it plenty of them
+                pass
+            finished.append(True)
+    assert finished == [True]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_uninterruptible_writer_calls_finish_before_the_interrupt(tmp_path):
+    """The TensorBoard writer as tool/train.py opens it: a Ctrl-C during add_scalar is raised after the
+    call, and the writer still closes (a KeyboardInterrupt inside its queue made close() hang)."""
+    import os
+    import signal
+
+    from tensorboardX import SummaryWriter
+
+    from util.cli import Uninterruptible
+
+    writer = Uninterruptible(SummaryWriter(str(tmp_path)))
+    original_put = writer.file_writer.event_writer._event_queue.put
+    calls = []
+
+    def put_then_signal(event, *args, **kwargs):  # the signal lands inside the queue's put
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):
+            pass
+        calls.append("put finished")
+        return original_put(event, *args, **kwargs)
+
+    writer.file_writer.event_writer._event_queue.put = put_then_signal
+    with pytest.raises(KeyboardInterrupt):
+        writer.add_scalar("loss", 1.0, 1)
+    assert calls == ["put finished"]
+    writer.file_writer.event_writer._event_queue.put = original_put
+    writer.close()
+    assert any(path.name.startswith("events.out.tfevents") for path in tmp_path.iterdir())

@@ -44,7 +44,8 @@ import torch  # noqa: E402
 from util import distributed as dist_utils  # noqa: E402
 from util import engine  # noqa: E402
 from util.checkpoint import CheckpointError  # noqa: E402
-from util.cli import STOP_SIGNALS, StopSignals, TrainingStopped, exit_with, ignore_stop_signals  # noqa: E402
+from util.cli import (STOP_SIGNALS, StopSignals, TrainingStopped, Uninterruptible, exit_with,  # noqa: E402
+                      ignore_stop_signals)
 from util.config import ConfigError, dump_cfg, load_cfg  # noqa: E402
 from util.misc import format_seconds, get_logger, restore_rng_state, rng_state, set_seed  # noqa: E402
 from util.precision import autocast_dtype_for, check_device_support  # noqa: E402
@@ -659,7 +660,7 @@ def _train(cfg, ctx, status: RunStatus) -> Dict[str, Any]:
     if ctx.is_main:
         from tensorboardX import SummaryWriter
 
-        writer = SummaryWriter(cfg.save_path)
+        writer = Uninterruptible(SummaryWriter(cfg.save_path))  # Ctrl-C never lands inside its queue
     train_stats: Dict[str, float] = {}
     val_stats: Optional[Dict[str, Any]] = None
     last_whole = None  # the whole-image result of the newest model, if measured

@@ -8,6 +8,7 @@ line, anything else propagates.
 import signal
 import sys
 import threading
+from contextlib import contextmanager
 from typing import Callable, Optional
 
 from util.config import ConfigError
@@ -134,6 +135,45 @@ class TrainingStopped(Exception):
     def __init__(self, message: str, exit_status: int) -> None:
         super().__init__(message)
         self.exit_status = exit_status
+
+
+@contextmanager
+def deferred_interrupt():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise its KeyboardInterrupt when the block
+    ends. For code that must not be interrupted half-way (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received and callable(previous):
+            previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt here
+
+
+class Uninterruptible:
+    """Calls to the wrapped object's methods finish before a Ctrl-C is raised (:func:`deferred_interrupt`).
+
+    For tensorboardX's SummaryWriter: a KeyboardInterrupt raised inside its multiprocessing queue's
+    ``put`` leaves the queue's condition variable without its waiter, and ``close()`` then waits
+    forever for the logging thread (seen as a hung Ctrl-C during training)."""
+
+    def __init__(self, wrapped) -> None:
+        self._wrapped = wrapped
+
+    def __getattr__(self, name):
+        attribute = getattr(self._wrapped, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args, **kwargs):
+            with deferred_interrupt():
+                return attribute(*args, **kwargs)
+
+        return call
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
