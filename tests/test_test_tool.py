@@ -223,7 +223,8 @@ def test_test_sh_usage_and_invocation(tmp_path, shell):
     assert usage.returncode == 2 and "usage" in usage.stderr
     repo = tmp_path / "repo"
     (repo / "tool").mkdir(parents=True)
-    shutil.copy(REPO_ROOT / "tool/test.sh", repo / "tool/test.sh")
+    for name in ("test.sh", "wrapper_common.sh"):  # the wrapper and what it sources
+        shutil.copy(REPO_ROOT / "tool" / name, repo / "tool" / name)
     (repo / "config/toy").mkdir(parents=True)
     (repo / "config/toy/toy_net.yaml").write_text("DATA:\n  classes: 3\n")
     stub = tmp_path / "stub.sh"
@@ -240,6 +241,17 @@ def test_test_sh_usage_and_invocation(tmp_path, shell):
     assert list(elsewhere.iterdir()) == [] and not (repo / "exp").exists()
     missing = subprocess.run([shell, str(repo / "tool/test.sh"), "toy", "nope"], capture_output=True, text=True)
     assert missing.returncode == 2 and "config not found" in missing.stderr
+    # Where only python3 exists (stock Ubuntu outside a venv) and PYTHON is unset, the wrapper runs python3.
+    only = tmp_path / "only_python3"
+    only.mkdir()
+    for tool in (shell, "dirname"):
+        (only / tool).symlink_to(shutil.which(tool))
+    (only / "python3").symlink_to(stub)
+    bare = {key: value for key, value in os.environ.items() if key != "PYTHON"}
+    result = subprocess.run([shell, str(repo / "tool/test.sh"), "toy", "net"], cwd=elsewhere,
+                            env=dict(bare, PATH=str(only)), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"ARGS -u {repo / 'tool/test.py'} --config {repo / 'config/toy/toy_net.yaml'}" in result.stdout
 
 
 def test_demo_writes_three_pngs(synthetic, tmp_path):

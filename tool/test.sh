@@ -8,7 +8,7 @@
 # the run that tool/train.sh made with the same overrides (save_path, epochs: its last checkpoint,
 # and its best_mIoU.pth when there is one) and writes predictions, metrics.json and the log
 # test-STAMP.log beside the run (RUN/result/epoch_N/SPLIT/ss). Runs from any directory; paths you
-# give mean what they mean in your shell. PYTHON selects the interpreter (default: python).
+# give mean what they mean in your shell. PYTHON selects the interpreter (default: python, else python3).
 set -eu
 
 usage() {
@@ -16,25 +16,9 @@ usage() {
   echo "  runs tool/test.py with config/DATASET/DATASET_EXP.yaml, e.g. sh tool/test.sh ade20k pyconvresnet50_pyconvsegnet" >&2
 }
 
-if [ "$#" -lt 2 ]; then
-  usage
-  exit 2
-fi
-case "$1" in -h|--help) usage; exit 0 ;; esac
-
-dataset=$1
-exp_name=$2
+. "$(dirname "$0")/wrapper_common.sh"
+find_config "$@"
 shift 2
-
-PYTHON=${PYTHON:-python}
-repo_dir=$(cd "$(dirname "$0")/.." && pwd)
-config=${repo_dir}/config/${dataset}/${dataset}_${exp_name}.yaml
-
-if [ ! -f "${config}" ]; then
-  echo "config not found: ${config}" >&2
-  usage
-  exit 2
-fi
 
 # shellcheck disable=SC2086  # PYTHON may carry interpreter flags
 exec ${PYTHON} -u "${repo_dir}/tool/test.py" --config "${config}" "$@"

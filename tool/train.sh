@@ -17,26 +17,10 @@ usage() {
   echo "  reads config/DATASET/DATASET_EXP.yaml; checkpoints, log and effective config go to save_path" >&2
 }
 
-if [ "$#" -lt 2 ]; then
-  usage
-  exit 2
-fi
-case "$1" in -h|--help) usage; exit 0 ;; esac
-
-dataset=$1
-exp_name=$2
+. "$(dirname "$0")/wrapper_common.sh"
+find_config "$@"
 shift 2
-
-PYTHON=${PYTHON:-python}
 NPROC=${NPROC:-}
-repo_dir=$(cd "$(dirname "$0")/.." && pwd)
-config=${repo_dir}/config/${dataset}/${dataset}_${exp_name}.yaml
-
-if [ ! -f "${config}" ]; then
-  echo "config not found: ${config}" >&2
-  usage
-  exit 2
-fi
 
 # shellcheck disable=SC2086  # PYTHON may carry interpreter flags
 if [ -n "${NPROC}" ]; then

@@ -1,0 +1,23 @@
+# Sourced by tool/train.sh and tool/test.sh (POSIX sh): what both do before they start Python.
+# Needs a usage() function and the script's arguments; sets repo_dir, PYTHON and config.
+#
+#   . "$(dirname "$0")/wrapper_common.sh"
+#   find_config "$@"    # DATASET EXP -> config/DATASET/DATASET_EXP.yaml, or the usage and status 2
+
+repo_dir=$(cd "$(dirname "$0")/.." && pwd)
+# The active environment's python (a venv's), else python3 where only that name exists (stock Ubuntu).
+PYTHON=${PYTHON:-$(command -v python || command -v python3 || echo python)}
+
+find_config() {
+  if [ "$#" -lt 2 ]; then
+    usage
+    exit 2
+  fi
+  case "$1" in -h|--help) usage; exit 0 ;; esac
+  config=${repo_dir}/config/$1/$1_$2.yaml
+  if [ ! -f "${config}" ]; then
+    echo "config not found: ${config}" >&2
+    usage
+    exit 2
+  fi
+}
