@@ -62,6 +62,24 @@ def test_a_ctrl_c_inside_deferred_interrupt_is_raised_when_the_block_ends():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
+def test_deferred_interrupt_hands_the_signal_to_the_handler_it_restores():
+    """A process that ignores SIGINT (started in the background by a shell) still ignores it after the block."""
+    import os
+    import signal
+
+    from util.cli import deferred_interrupt
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with deferred_interrupt():
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):
+                pass
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_uninterruptible_writer_calls_finish_before_the_interrupt(tmp_path):
     """The TensorBoard writer as tool/train.py opens it: a Ctrl-C during add_scalar is raised after the
     call, and the writer still closes (a KeyboardInterrupt inside its queue made close() hang)."""

@@ -221,6 +221,8 @@ def test_test_sh_usage_and_invocation(tmp_path, shell):
         pytest.skip(f"{shell} not installed")
     usage = subprocess.run([shell, str(REPO_ROOT / "tool/test.sh")], capture_output=True, text=True)
     assert usage.returncode == 2 and "usage" in usage.stderr
+    asked = subprocess.run([shell, str(REPO_ROOT / "tool/test.sh"), "--help"], capture_output=True, text=True)
+    assert asked.returncode == 0 and "usage" in asked.stderr
     repo = tmp_path / "repo"
     (repo / "tool").mkdir(parents=True)
     for name in ("test.sh", "wrapper_common.sh"):  # the wrapper and what it sources

@@ -9,11 +9,11 @@ repo_dir=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-$(command -v python || command -v python3 || echo python)}
 
 find_config() {
+  case "${1:-}" in -h|--help) usage; exit 0 ;; esac
   if [ "$#" -lt 2 ]; then
     usage
     exit 2
   fi
-  case "$1" in -h|--help) usage; exit 0 ;; esac
   config=${repo_dir}/config/$1/$1_$2.yaml
   if [ ! -f "${config}" ]; then
     echo "config not found: ${config}" >&2

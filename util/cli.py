@@ -150,8 +150,8 @@ def deferred_interrupt():
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-        if received and callable(previous):
-            previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt here
+        if received:
+            signal.raise_signal(signal.SIGINT)  # now to the restored handler: KeyboardInterrupt by default
 
 
 class Uninterruptible:
