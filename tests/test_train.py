@@ -421,7 +421,8 @@ def test_train_sh_runs_under_posix_sh_from_any_directory(tmp_path, shell):
         pytest.skip(f"{shell} not installed")
     repo = tmp_path / "repo"
     (repo / "tool").mkdir(parents=True)
-    shutil.copy(REPO_ROOT / "tool" / "train.sh", repo / "tool" / "train.sh")
+    for name in ("train.sh", "wrapper_common.sh"):  # the wrapper and what it sources
+        shutil.copy(REPO_ROOT / "tool" / name, repo / "tool" / name)
     (repo / "config" / "toy").mkdir(parents=True)
     (repo / "config" / "toy" / "toy_exp1.yaml").write_text("TRAIN:\n  epochs: 1\n")
     elsewhere = tmp_path / "elsewhere"
