@@ -18,6 +18,7 @@ def run_agreement(cfg, images: int, model: nn.Module, device: torch.device) -> D
     """Fraction of pixels where bf16 and fp32 predictions agree (test settings of the config), on
     ``images`` real images spread over cfg.val_list (else test_list)."""
     from util.dataset import load_image, read_list
+    from util.engine import evenly_spaced_subset
     from util.inference import inference_kwargs, predict_multiscale
     from util.precision import autocast_dtype_for
 
@@ -25,8 +26,7 @@ def run_agreement(cfg, images: int, model: nn.Module, device: torch.device) -> D
     if not list_path or not os.path.isfile(list_path):
         return {"skipped": f"no image list (val_list/test_list {list_path} not found)"}
     entries = read_list(list_path, cfg.data_root, "val")
-    count = min(images, len(entries))
-    picks = sorted({round(i * (len(entries) - 1) / max(count - 1, 1)) for i in range(count)})
+    picks = evenly_spaced_subset(len(entries), images)  # the subset val_max_images validates on
     eval_model = prepare_eval_model(model, cfg, device)
     kwargs = inference_kwargs(cfg)
     equal, total, per_image = 0, 0, []
