@@ -68,6 +68,14 @@ def fold_batchnorm(model: nn.Module, probe_size: int = 33) -> nn.Module:
         for handle in handles:
             handle.remove()
     producers.clear()
+    if pairs and not torch.isfinite(expected).all():
+        # Nothing to compare against; and a model whose output is NaN/inf on a plain random input has
+        # broken weights (e.g. a diverged run's checkpoint): say so rather than "did not reproduce".
+        warnings.warn("fold_batchnorm: the model's own output on a random probe is not finite (broken weights?); "
+                      "BatchNorm is not folded")
+        logger.warning("BatchNorm NOT folded: the model's own output on a random probe is not finite (NaN/inf): "
+                       "are its weights broken, e.g. a diverged run's checkpoint?")
+        pairs.clear()
     if not pairs:  # (folded is still an unchanged copy)
         model.train(was_training)
         return folded

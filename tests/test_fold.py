@@ -50,6 +50,16 @@ def test_fold_batchnorm_checks_in_float32_and_logs_which_path():
         assert isinstance(kept.bn, nn.BatchNorm2d)
         assert any(m.startswith("BatchNorm NOT folded: the folded model did not reproduce the original")
                    for m in messages), messages
+
+        messages.clear()
+        broken = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        broken[1].weight.data[0] = float("nan")  # a diverged run's weights
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            kept = fold_batchnorm(broken)
+        assert isinstance(kept[1], nn.BatchNorm2d)
+        assert any(m.startswith("BatchNorm NOT folded: the model's own output on a random probe is not finite")
+                   for m in messages), messages
     finally:
         logger.removeHandler(handler)
         logger.setLevel(previous_level)
