@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 import sys
 
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO_ROOT
+from test_docs import python_example
 from tiny_runs import load_script, make_cfg, write_tiny_config
 from util.cli import EXIT_CONFIG, run_cli
 from util.config import ConfigError, unregister_keys
@@ -235,14 +234,12 @@ def test_loss_registered_in_a_file_is_selectable_by_name(tmp_path, one_thread, t
 
 
 # ---------------------------------------------------------------------------------------------
-# README "Extending": the loss, schedule and augmentation examples, each saved as its own file
+# docs/extending.md: the loss, schedule and augmentation examples, each saved as its own file
 
 
 def readme_example(tmp_path, heading: str, file_name: str) -> str:
-    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    section = re.split(r"\n##+ ", readme.split(f"### {heading}\n", 1)[1], 1)[0]
     path = tmp_path / file_name
-    path.write_text(re.findall(r"```python\n(.*?)```", section, flags=re.S)[0])
+    path.write_text(python_example("docs/extending.md", heading))
     return str(path)
 
 

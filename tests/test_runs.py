@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from test_docs import doc_section
 from tiny_runs import REPO_ROOT, load_script, make_dataset, write_tiny_config
 from util import engine
 from util.checkpoint import CheckpointError
 from util.config import ConfigError, load_cfg
-from util.runs import rebase_repository_paths, resolve_test_paths, results_folder, run_directory
+from util.runs import RELEASED_WEIGHTS_HINT, rebase_repository_paths, resolve_test_paths, results_folder, run_directory
 
 TEST_KEYS = ["base_size", "64", "test_h", "65", "test_w", "65", "test_batch_size", "2", "device", "cpu"]
 
@@ -161,8 +163,9 @@ def test_missing_imagenet_file_says_where_it_comes_from(tmp_path, train_tool):
         train_tool.main(["--config", str(config), "pretrained", "initmodel/resnet50.pth"])
     message = str(error.value)
     assert "ImageNet" in message and "Released weights" in message and "pretrained ''" in message
-    readme = (REPO_ROOT / "README.md").read_text()
-    assert "## Released weights" in readme
+    # The hint names a page and a section of the docs ("FILE, section 'NAME'"): both must exist.
+    page, section = re.fullmatch(r"(\S+), section '([^']+)'", RELEASED_WEIGHTS_HINT).groups()
+    assert "download" in doc_section(page, section)
 
 
 def test_a_run_checkpoint_for_other_epochs_lists_what_the_run_has(tmp_path, test_tool):

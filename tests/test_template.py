@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import re
 import uuid
 from pathlib import Path
 
@@ -18,12 +17,12 @@ from torch import nn
 from model import build_model
 from model.registry import ARCHITECTURES, BACKBONES, register_arch, register_backbone
 from model.segmentation import SegmentationModel, auxiliary_classifier
+from test_docs import python_example
 from tiny_runs import make_cfg
 from util import engine
 from util.config import load_cfg
 from util.losses import build_criterion
 from util.optim import build_optimizer, build_scheduler
-from conftest import REPO_ROOT
 
 
 
@@ -196,18 +195,12 @@ def test_duplicate_name_is_refused(clean_registries):
 
 
 def _readme_example_code() -> str:
-    """The Python block of README.md's 'A backbone or head' section (the example file)."""
-    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split("### A backbone or head", 1)
-    if len(section) != 2:
-        pytest.skip("README.md has no 'A backbone or head' section")
-    blocks = re.findall(r"```python\n(.*?)```", re.split(r"\n##+ ", section[1], 1)[0], flags=re.S)
-    assert blocks, "the README section has no python example"
-    return blocks[0]
+    """The Python block of docs/extending.md's 'A backbone or head' section (the example file)."""
+    return python_example("docs/extending.md", "A backbone or head")
 
 
 def test_readme_example_file_works(tmp_path, clean_registries):
-    """The README's example file, saved as a module of the `model` package, registers and trains."""
+    """The docs' example file, saved as a module of the `model` package, registers and trains."""
     path = tmp_path / "simplenet.py"
     path.write_text(_readme_example_code(), encoding="utf-8")
     spec = importlib.util.spec_from_file_location("model._readme_simplenet", path)
