@@ -111,26 +111,29 @@ def test_manual_pages_exist():
     assert not missing, f"docs/ lacks the pages {missing}"
 
 
+def text_lines() -> Iterator[Line]:
+    """The lines of every documentation file outside code blocks."""
+    for path in DOC_FILES:
+        yield from (line for line in doc_lines(path) if line.fence is None)
+
+
 def test_relative_links_and_anchors_resolve():
     problems = []
-    for path in DOC_FILES:
-        for line in doc_lines(path):
-            if line.fence is not None:
+    for line in text_lines():
+        for target in LINK.findall(prose(line.text)):
+            if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
                 continue
-            for target in LINK.findall(prose(line.text)):
-                if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
-                    continue
-                file_part, _, anchor = target.partition("#")
-                linked = (path.parent / file_part).resolve() if file_part else path
-                if not linked.exists():
-                    problems.append(f"{line.where()}: link target {file_part} does not exist")
-                    continue
-                if REPO_ROOT not in linked.parents and linked != REPO_ROOT:
-                    problems.append(f"{line.where()}: link {target} leaves the repository")
-                    continue
-                if anchor and linked.suffix == ".md" and anchor not in anchors(linked):
-                    problems.append(f"{line.where()}: anchor #{anchor} is not a heading of "
-                                    f"{linked.relative_to(REPO_ROOT)}")
+            file_part, _, anchor = target.partition("#")
+            linked = (line.path.parent / file_part).resolve() if file_part else line.path
+            if not linked.exists():
+                problems.append(f"{line.where()}: link target {file_part} does not exist")
+                continue
+            if REPO_ROOT not in linked.parents and linked != REPO_ROOT:
+                problems.append(f"{line.where()}: link {target} leaves the repository")
+                continue
+            if anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+                problems.append(f"{line.where()}: anchor #{anchor} is not a heading of "
+                                f"{linked.relative_to(REPO_ROOT)}")
     assert not problems, "\n".join(problems)
 
 
@@ -211,15 +214,12 @@ def resolves(dotted: str) -> bool:
 
 def test_dotted_python_names_resolve():
     problems = []
-    for path in DOC_FILES:
-        for line in doc_lines(path):
-            if line.fence is not None:
-                continue
-            for _, code in INLINE_CODE.findall(line.text):
-                name = code.strip().split("(")[0]
-                if DOTTED.match(name) and not any(PLACEHOLDER.match(part) for part in name.split(".")) \
-                        and not resolves(name):
-                    problems.append(f"{line.where()}: {name} cannot be imported")
+    for line in text_lines():
+        for _, code in INLINE_CODE.findall(line.text):
+            name = code.strip().split("(")[0]
+            if DOTTED.match(name) and not any(PLACEHOLDER.match(part) for part in name.split(".")) \
+                    and not resolves(name):
+                problems.append(f"{line.where()}: {name} cannot be imported")
     assert not problems, "\n".join(problems)
 
 
@@ -408,7 +408,8 @@ def command_problems(script: str, arguments: List[str], monkeypatch, keys: set) 
         config = f"config/{dataset}/{dataset}_{exp}.yaml"
         problems = [] if path_exists(config) else [f"{script} {dataset} {exp}: {config} does not exist"]
         pairs = arguments[leading:]
-        return problems + override_problems(pairs[:len(pairs) - len(pairs) % 2] if elided else pairs, keys)
+        pairs = pairs[:len(pairs) - len(pairs) % 2] if elided else pairs
+        return problems + [f"{script}: {problem}" for problem in override_problems(pairs, keys)]
     if name in ("quickstart.sh", "gpu_check.sh"):
         return [f"{script} takes no arguments, got {arguments}"] if arguments else []
     if script.endswith(".sh"):
