@@ -48,8 +48,8 @@ def build_model(cfg: Any) -> nn.Module:
 
     Reads ``arch``, ``backbone_net``, ``layers``, ``classes``, ``zoom_factor`` (default 8) and
     ``backbone_output_stride`` (default 8). Weights are the caller's business: training loads the
-    ImageNet backbone of ``cfg.pretrained`` with ``util.checkpoint.load_pretrained_backbone``,
-    testing a checkpoint with ``util.checkpoint.load_model_weights``.
+    ImageNet backbone of ``cfg.pretrained`` with ``util.runtime.checkpoint_io.load_pretrained_backbone``,
+    testing a checkpoint with ``util.runtime.checkpoint_io.load_model_weights``.
 
     Raises:
         ValueError: unknown arch/backbone (the message lists the registered names) or bad values.

@@ -1,7 +1,7 @@
 """Name -> builder registries for backbones and segmentation architectures.
 
-(The same :class:`Registry` holds the losses of util/losses.py, the LR schedules of util/optim.py
-and the training transforms of util/transforms.py.)
+(The same :class:`Registry` holds the losses of util/engine/losses.py, the LR schedules of util/engine/optim.py
+and the training transforms of util/data/transforms.py.)
 
 A YAML selects a backbone with ``backbone_net`` and an architecture with ``arch``; both names are
 looked up here. Adding one is a new module inside ``model/`` (imported automatically by

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tiny_runs import load_script
-from util.cli import run_cli
+from util.runtime.cli import run_cli
 from util.config import load_cfg
 
 CONFIG = "config/camvid/camvid_pyconvresnet50_pyconvsegnet.yaml"

@@ -1,11 +1,11 @@
-"""util.cli: the one place the tools turn known errors into a line and an exit status."""
+"""util.runtime.cli: the one place the tools turn known errors into a line and an exit status."""
 import pytest
 
-from util.checkpoint import CheckpointError
-from util.cli import EXIT_CONFIG, EXIT_ERROR, one_line_reason, run_cli
+from util.runtime.checkpoint_io import CheckpointError
+from util.runtime.cli import EXIT_CONFIG, EXIT_ERROR, one_line_reason, run_cli
 from util.config import ConfigError
-from util.dataset import DataError
-from util.engine import NonFiniteLossError
+from util.data.dataset import DataError
+from util.engine.training import NonFiniteLossError
 
 
 def _raising(exc):
@@ -49,7 +49,7 @@ def test_a_ctrl_c_inside_deferred_interrupt_is_raised_when_the_block_ends():
     import os
     import signal
 
-    from util.cli import deferred_interrupt
+    from util.runtime.cli import deferred_interrupt
 
     finished = []
     with pytest.raises(KeyboardInterrupt):
@@ -67,7 +67,7 @@ def test_deferred_interrupt_hands_the_signal_to_the_handler_it_restores():
     import os
     import signal
 
-    from util.cli import deferred_interrupt
+    from util.runtime.cli import deferred_interrupt
 
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -88,7 +88,7 @@ def test_uninterruptible_writer_calls_finish_before_the_interrupt(tmp_path):
 
     from tensorboardX import SummaryWriter
 
-    from util.cli import Uninterruptible
+    from util.runtime.cli import Uninterruptible
 
     writer = Uninterruptible(SummaryWriter(str(tmp_path)))
     original_put = writer.file_writer.event_writer._event_queue.put

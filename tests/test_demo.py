@@ -16,9 +16,9 @@ import pytest
 
 from tiny_runs import load_script
 from util.config import load_cfg
-from util.dataset import read_colors, read_list, read_names
+from util.data.dataset import read_colors, read_list, read_names
 from conftest import REPO_ROOT
-from util.runs import resolve_test_paths
+from util.runtime.runs import resolve_test_paths
 
 DEMO_CONFIG = REPO_ROOT / "config" / "demo" / "demo_pyconvresnet50_pyconvsegnet.yaml"
 

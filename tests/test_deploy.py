@@ -1,4 +1,4 @@
-"""Exported models (util/deploy.py, tool/deployment/export.py): ONNX and TorchScript files of
+"""Exported models (util/evaluation/deploy.py, tool/deployment/export.py): ONNX and TorchScript files of
 PyConvSegNet and PSPNet match PyTorch, refuse other sizes, and tool/test.py scores them like the checkpoint.
 
 ResNet-50 at output stride 32, 3 classes and 33x33 windows: the smallest model that still runs
@@ -14,7 +14,7 @@ import yaml
 from torch import nn
 
 from tiny_runs import make_dataset
-from util.cli import run_cli
+from util.runtime.cli import run_cli
 from util.config import load_cfg
 
 WINDOW = 33
@@ -80,7 +80,7 @@ def exported_file(setup, arch, fmt):
 
 def _reference(setup, arch):
     from model import build_model
-    from util.checkpoint import load_model_weights
+    from util.runtime.checkpoint_io import load_model_weights
 
     cfg = load_cfg(str(setup["configs"][arch]))
     model = build_model(cfg)
@@ -91,7 +91,7 @@ def _reference(setup, arch):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_exported_model_matches_pytorch(setup, arch, fmt, one_thread, capsys):
-    from util.deploy import compare_with_reference, load_exported_model
+    from util.evaluation.deploy import compare_with_reference, load_exported_model
 
     _needs(fmt)
     path = exported_file(setup, arch, fmt)
@@ -115,7 +115,7 @@ def test_exported_model_matches_pytorch(setup, arch, fmt, one_thread, capsys):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_fixed_size_file_refuses_another_size(setup, fmt, one_thread):
-    from util.deploy import ExportedModelError, load_exported_model
+    from util.evaluation.deploy import ExportedModelError, load_exported_model
 
     _needs(fmt)
     exported = load_exported_model(exported_file(setup, "pyconvsegnet", fmt))

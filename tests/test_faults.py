@@ -1,6 +1,6 @@
 """Fault suite, part 2: untrusted checkpoints and bad data, through tool/train.py and tool/test.py alike.
 
-Each fault goes through the tools' command-line entry point (``util.cli.run_cli(tool.main)``, what their
+Each fault goes through the tools' command-line entry point (``util.runtime.cli.run_cli(tool.main)``, what their
 ``__main__`` runs, in-process for speed, plus a few real subprocesses): the run either works, or stops with
 status 1 and ONE line naming the file (and, for data, the list file and line) -- never a traceback.
 The model is a ResNet-50 at output stride 32 on 33x33 crops of 40x44 synthetic images (CPU, one thread).
@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from tiny_runs import load_script
-from util import cli as util_cli
+from util.runtime import cli
 from conftest import REPO_ROOT
 
 CLASSES = 3
@@ -147,7 +147,7 @@ def world(tmp_path_factory):
     }, sort_keys=False))
 
     from model import build_model
-    from util.checkpoint import add_module_prefix
+    from util.runtime.checkpoint_io import add_module_prefix
     from util.config import load_cfg
 
     torch.manual_seed(0)
@@ -175,7 +175,7 @@ def run_cli(tool, monkeypatch, capsys, argv):
     """Call the tool's command-line entry point in-process: (exit status, stdout, stderr)."""
     with monkeypatch.context() as patch:
         patch.setattr(sys, "argv", ["tool.py", *map(str, argv)])
-        status = util_cli.run_cli(tool.main)
+        status = cli.run_cli(tool.main)
     captured = capsys.readouterr()
     return status, captured.out, captured.err
 

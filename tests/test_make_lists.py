@@ -3,7 +3,7 @@ import cv2
 import numpy as np
 
 from tiny_runs import REPO_ROOT, load_script
-from util.dataset import read_list
+from util.data.dataset import read_list
 
 make_lists = load_script("tool/dataset_converters/make_lists.py", "make_lists")
 

@@ -6,7 +6,7 @@ import torch
 import yaml
 
 from tiny_runs import load_script
-from util.cli import run_cli
+from util.runtime.cli import run_cli
 from util.config import load_cfg
 
 submission = load_script("tool/dataset_converters/make_submission.py", "make_submission")

@@ -15,7 +15,7 @@ from model import build_model, output_size, registered_archs, registered_backbon
 from model.backbones import build_pyconvhgresnet, build_pyconvresnet, build_resnet
 from model.pyconv import PyConv, split_channels
 from model.registry import ARCHITECTURES, BACKBONES, register_backbone
-from util.checkpoint import imagenet_to_segmentation_keys
+from util.runtime.checkpoint_io import imagenet_to_segmentation_keys
 
 ARCHS = ("pyconvsegnet", "psp")
 FAMILIES = ("resnet", "pyconvresnet", "pyconvhgresnet")

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from tiny_runs import write_tiny_config
-from util.training_checkpoints import checkpoint_path, find_resume_checkpoint, list_training_checkpoints, prune_checkpoints
-from util.cli import StopSignals
-from util.distributed import TrainSampler
+from util.engine.checkpoints import (checkpoint_path, find_resume_checkpoint, list_training_checkpoints,
+                                     prune_checkpoints)
+from util.runtime.cli import StopSignals
+from util.runtime.distributed import TrainSampler
 from conftest import REPO_ROOT
 
 TRAIN_PY = REPO_ROOT / "tool" / "train.py"
@@ -135,7 +136,7 @@ def test_signal_to_one_srun_task_stops_both_at_the_same_iteration(tmp_path):
     """SLURM may signal the tasks at slightly different times; here only task 1 gets SIGUSR1. Both stop
     after the same iteration (the flag rides on the iteration's collective), rank 0 saves every rank's
     random state, and the two tasks resumed with 'resume auto' finish the run."""
-    from util.distributed import _free_port
+    from util.runtime.distributed import _free_port
 
     config = write_tiny_config(tmp_path, dataset=dict(count=16), epochs=1, batch_size=4, print_freq=1)  # 4 iterations
     save_path = tmp_path / "model"

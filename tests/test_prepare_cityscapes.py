@@ -53,7 +53,7 @@ def test_table_matches_cityscapesscripts():
                                             key=lambda l: l.trainId)]
     colors = [list(label.color) for label in sorted((l for l in labels.labels if 0 <= l.trainId < 255),
                                                     key=lambda l: l.trainId)]
-    from util.dataset import read_colors, read_names
+    from util.data.dataset import read_colors, read_names
     assert read_names(REPO_ROOT / "config/cityscapes/cityscapes_names.txt", 19) == names
     assert read_colors(REPO_ROOT / "config/cityscapes/cityscapes_colors.txt", 19).tolist() == colors
 

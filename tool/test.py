@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=N tool/test.py --config ...      # images split across processes
 
 For every image of ``test_list`` (from ``index_start``, ``index_step`` images; 0 = to the end) it
-predicts with multi-scale sliding windows (util/inference.py; with their horizontal mirrors when
+predicts with multi-scale sliding windows (util/evaluation/inference.py; with their horizontal mirrors when
 ``flip``, the default) and writes ``save_folder/gray/NAME.png`` (class ids) and
 ``save_folder/color/NAME.png``. For split ``val`` or
 ``train`` it scores the predictions against the labels and writes ``save_folder/metrics.json``
@@ -16,7 +16,7 @@ same is repeated for it into ``best_mIoU_save_folder``.
 
 Left empty, ``model_path`` is the run's last checkpoint (``save_path/train_epoch_{epochs}.pth``, with
 its ``best_mIoU.pth`` too when there is one) and the save folders are beside the run
-(``RUN/result/epoch_N/val/ss``): util/runs.py, so the overrides given to tool/train.py find their run.
+(``RUN/result/epoch_N/val/ss``): util/runtime/runs.py, so the overrides given to tool/train.py find their run.
 
 Under torchrun (WORLD_SIZE > 1) rank r takes images r, r + N, ...; confusion matrices are summed
 over processes, so the scores equal a single-process run's; rank 0 prints and writes them.
@@ -33,19 +33,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from util.checkpoint import CheckpointError  # noqa: E402
-from util.cli import exit_with  # noqa: E402
+from util.runtime.checkpoint_io import CheckpointError  # noqa: E402
+from util.runtime.cli import exit_with  # noqa: E402
 from util.config import ConfigError, parse_cli  # noqa: E402
-from util.dataset import (DataError, ListEntry, check_listed_files, load_label, output_names,  # noqa: E402
-                          read_list_entries)
-from util.distributed import describe_launch, detect_launcher, init_distributed, launcher_world_size  # noqa: E402
-from util.engine import evaluate_images, whole_image_predictor  # noqa: E402
-from util.inference import inference_kwargs, load_inference_model  # noqa: E402
-from util.metrics import nan_to_none  # noqa: E402
-from util.misc import get_logger, select_device  # noqa: E402
-from util.precision import check_device_support  # noqa: E402
-from util.runs import checkpoint_path_problem, evaluation_log_path, resolve_test_paths, timestamp  # noqa: E402
-from util.visualize import colorize, config_class_names, config_palette, save_gray, save_rgb  # noqa: E402
+from util.data.dataset import (DataError, ListEntry, check_listed_files, load_label, output_names,  # noqa: E402
+                               read_list_entries)
+from util.runtime.distributed import (describe_launch, detect_launcher, init_distributed, launcher_world_size)
+from util.engine.training import evaluate_images, whole_image_predictor  # noqa: E402
+from util.evaluation.inference import inference_kwargs, load_inference_model  # noqa: E402
+from util.evaluation.metrics import nan_to_none  # noqa: E402
+from util.runtime.log import get_logger, select_device  # noqa: E402
+from util.engine.precision import check_device_support  # noqa: E402
+from util.runtime.runs import (checkpoint_path_problem, evaluation_log_path, resolve_test_paths, timestamp)
+from util.evaluation.visualize import (colorize, config_class_names, config_palette, save_gray, save_rgb)
 
 
 def select_items(items: Sequence, index_start: int, index_step: int) -> list:
@@ -118,7 +118,7 @@ def write_json(path: Path, data: dict) -> None:
 def evaluate_run(cfg, model_path: Optional[str], save_folder: str, entries: Sequence[ListEntry],
                  names: Sequence[str], device: torch.device, rank: int, world_size: int, logger) -> Optional[dict]:
     """Predict (or read saved predictions) for this process's share of ``entries`` and score them
-    with :func:`util.engine.evaluate_images` (the loop the training-time validation runs too).
+    with :func:`util.engine.training.evaluate_images` (the loop the training-time validation runs too).
 
     ``names[i]`` is the output file name of ``entries[i]``. Returns the metrics dict (None for an
     unlabelled split).
@@ -217,7 +217,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             evaluate_run(cfg, model_path, save_folder, entries, names, device, rank, world_size, logger)
     finally:
         if context is not None:
-            from util.distributed import cleanup
+            from util.runtime.distributed import cleanup
 
             cleanup()
     return 0

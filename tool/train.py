@@ -17,7 +17,7 @@ optimizer, scheduler, scaler, best_mIoU, cfg}``, loadable with
 newest ``train_epoch_N.pth``; a resumed run ends with the same weights as an
 uninterrupted one.
 
-Also in ``save_path``, for every start once the config is accepted (util/runs.py): the log
+Also in ``save_path``, for every start once the config is accepted (util/runtime/runs.py): the log
 ``train-STAMP.log`` and the effective config ``train-STAMP.yaml`` (overrides applied, seed filled in).
 ``weight PATH`` fine-tunes from a whole model, also one of another class count (its final classifier
 layers are re-initialised, and the log says which).
@@ -41,20 +41,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from util import distributed as dist_utils  # noqa: E402
-from util import engine  # noqa: E402
-from util.checkpoint import CheckpointError  # noqa: E402
-from util.cli import (STOP_SIGNALS, StopSignals, TrainingStopped, Uninterruptible, exit_with,  # noqa: E402
-                      ignore_stop_signals)
+from util.runtime import distributed  # noqa: E402
+from util.engine import training  # noqa: E402
+from util.runtime.checkpoint_io import CheckpointError  # noqa: E402
+from util.runtime.cli import (STOP_SIGNALS, StopSignals, TrainingStopped, Uninterruptible, exit_with,  # noqa: E402
+                              ignore_stop_signals)
 from util.config import ConfigError, dump_cfg, load_cfg  # noqa: E402
-from util.misc import format_seconds, get_logger, restore_rng_state, rng_state, set_seed  # noqa: E402
-from util.precision import autocast_dtype_for, check_device_support  # noqa: E402
-from util.preparation import missing_list_hint  # noqa: E402
-from util.runs import check_checkpoint_paths, timestamp, training_log_paths  # noqa: E402
-from util.training_checkpoints import (BEST_CHECKPOINT, add_mid_epoch_state,  # noqa: E402
-                                       check_training_checkpoint, checkpoint_path, find_resume_checkpoint,
-                                       list_training_checkpoints, make_checkpoint, prune_checkpoints,
-                                       save_training_checkpoint)
+from util.runtime.log import format_seconds, get_logger, restore_rng_state, rng_state, set_seed  # noqa: E402
+from util.engine.precision import autocast_dtype_for, check_device_support  # noqa: E402
+from util.data.preparation import missing_list_hint  # noqa: E402
+from util.runtime.runs import check_checkpoint_paths, timestamp, training_log_paths  # noqa: E402
+from util.engine.checkpoints import (BEST_CHECKPOINT, add_mid_epoch_state, check_training_checkpoint,  # noqa: E402
+                                     checkpoint_path, find_resume_checkpoint, list_training_checkpoints,
+                                     make_checkpoint, prune_checkpoints, save_training_checkpoint)
 
 # ---------------------------------------------------------------------------------------------
 # Command line and checks that run before anything heavy
@@ -82,7 +81,7 @@ def check_writable_dir(path: str) -> None:
 
 def check_run_config(cfg) -> None:
     """Every check that needs no model or data loading; raises ConfigError with what to change."""
-    device_type = "cuda" if dist_utils.wants_cuda(cfg) else "cpu"
+    device_type = "cuda" if distributed.wants_cuda(cfg) else "cpu"
     check_device_support(cfg, device_type)  # fp16 on the CPU
     if not cfg.save_path:
         raise ConfigError("save_path is not set: give the directory for checkpoints (e.g. save_path exp/camvid/run1/model)")
@@ -113,19 +112,19 @@ def check_on_every_rank(cfg) -> None:
         check_run_config(cfg)
     except ConfigError as exc:
         problem = str(exc)
-    problems = dist_utils.problems_on_any_rank(problem)
+    problems = distributed.problems_on_any_rank(problem)
     if not problems:
         # rank 0 leaves a marker in save_path; a rank that does not see it has a save_path of its own
-        marker = os.path.join(cfg.save_path, f".shared_check_{dist_utils.broadcast_object(uuid.uuid4().hex)}")
-        if dist_utils.get_rank() == 0:
+        marker = os.path.join(cfg.save_path, f".shared_check_{distributed.broadcast_object(uuid.uuid4().hex)}")
+        if distributed.get_rank() == 0:
             with open(marker, "w") as handle:
                 handle.write("save_path shared check\n")
-        dist_utils.barrier()
-        problems = dist_utils.problems_on_any_rank(
+        distributed.barrier()
+        problems = distributed.problems_on_any_rank(
             None if os.path.exists(marker) else
             f"save_path {cfg.save_path} is not the directory rank 0 writes to (a file rank 0 created there is missing)")
-        dist_utils.barrier()
-        if dist_utils.get_rank() == 0:
+        distributed.barrier()
+        if distributed.get_rank() == 0:
             os.remove(marker)
     if problems:
         raise ConfigError("; ".join(problems) + " (on several machines save_path must be a shared directory and "
@@ -155,7 +154,7 @@ def choose_run_seed(cfg, logger) -> int:
     """``manual_seed``, or one drawn on rank 0 and shared with every process (logged, so the run can be repeated)."""
     if cfg.manual_seed is not None:
         return int(cfg.manual_seed)
-    seed = dist_utils.broadcast_object(random.SystemRandom().randrange(2**31))
+    seed = distributed.broadcast_object(random.SystemRandom().randrange(2**31))
     logger.info(f"manual_seed is not set: using {seed} (set 'manual_seed {seed}' to repeat this run)")
     return int(seed)
 
@@ -180,8 +179,8 @@ class TrainingData:
 def build_loaders(cfg, ctx, seed: int) -> TrainingData:
     from torch.utils.data import DataLoader
 
-    from util.dataset import SegDataset
-    from util.transforms import build_train_transform, build_val_transform
+    from util.data.dataset import SegDataset
+    from util.data.transforms import build_train_transform, build_val_transform
 
     # The workers' only set-up is ignoring stop signals (below): augmentation is seeded per sample
     # (SegDataset), and a cv2.setNumThreads() in a forked worker deadlocks once this process has used OpenCV's thread pool (e.g. an earlier run).
@@ -202,7 +201,7 @@ def build_loaders(cfg, ctx, seed: int) -> TrainingData:
     train_set = SegDataset("train", cfg.data_root, cfg.train_list, transform=build_train_transform(cfg), seed=seed,
                            num_classes=cfg.classes, ignore_label=cfg.ignore_label)
     # shuffle=True even for one process: the order then depends only on (seed, epoch), which resume needs.
-    train_sampler = dist_utils.TrainSampler(train_set, num_replicas=world, rank=ctx.rank, shuffle=True, seed=seed)
+    train_sampler = distributed.TrainSampler(train_set, num_replicas=world, rank=ctx.rank, shuffle=True, seed=seed)
     # worker_init_fn: a cluster's stop signal reaches the workers too; they must outlive the iteration.
     # generator: the loader's base seed is not drawn from the global stream, which then holds only
     # the model's randomness (dropout) and resumes mid-epoch from a saved state.
@@ -222,13 +221,13 @@ def build_loaders(cfg, ctx, seed: int) -> TrainingData:
         val_set = SegDataset("val", cfg.data_root, cfg.val_list, num_classes=cfg.classes,
                              ignore_label=cfg.ignore_label)
         entries = val_set.entries
-        data.val_entries = [entries[i] for i in engine.evenly_spaced_subset(len(entries), cfg.val_max_images)]
+        data.val_entries = [entries[i] for i in training.evenly_spaced_subset(len(entries), cfg.val_max_images)]
     else:
         val_set = SegDataset("val", cfg.data_root, cfg.val_list, transform=build_val_transform(cfg),
                              num_classes=cfg.classes, ignore_label=cfg.ignore_label)
         if cfg.val_max_images:
-            val_set = torch.utils.data.Subset(val_set, engine.evenly_spaced_subset(len(val_set), cfg.val_max_images))
-        val_sampler = dist_utils.ShardSampler(len(val_set), num_replicas=world, rank=ctx.rank)
+            val_set = torch.utils.data.Subset(val_set, training.evenly_spaced_subset(len(val_set), cfg.val_max_images))
+        val_sampler = distributed.ShardSampler(len(val_set), num_replicas=world, rank=ctx.rank)
         data.val_loader = DataLoader(val_set, batch_size=max(1, cfg.batch_size_val // world), sampler=val_sampler,
                                      num_workers=workers, pin_memory=pin, drop_last=False)
     return data
@@ -252,7 +251,7 @@ def build_training_model(cfg, ctx, has_checkpoint: bool, logger):
     another class count (fine-tuning; not when resuming: the checkpoint's weights come later),
     SyncBatchNorm when distributed on CUDA."""
     from model import build_model
-    from util.checkpoint import load_pretrained_backbone, load_weights_for_fine_tuning
+    from util.runtime.checkpoint_io import load_pretrained_backbone, load_weights_for_fine_tuning
 
     model = build_model(cfg)
     if cfg.pretrained:
@@ -279,8 +278,8 @@ def build_training_model(cfg, ctx, has_checkpoint: bool, logger):
 
 
 def build_optimization(cfg, ctx, model, iters_per_epoch: int) -> Optimization:
-    from util.losses import build_criterion
-    from util.optim import build_optimizer, build_scheduler
+    from util.engine.losses import build_criterion
+    from util.engine.optim import build_optimizer, build_scheduler
 
     optimizer = build_optimizer(model, cfg.base_lr, cfg.momentum, cfg.weight_decay)
     return Optimization(criterion=build_criterion(cfg), optimizer=optimizer,
@@ -302,7 +301,7 @@ def validation_protocol(cfg) -> str:
 def restore_training_state(cfg, checkpoint, resume_path: str, model, optim: Optimization, logger) -> Tuple[int, float]:
     """Load a training checkpoint into the model, optimiser, scheduler and scaler; returns
     ``(epochs done, best validation mIoU)``."""
-    from util.checkpoint import CheckpointError, load_model_weights
+    from util.runtime.checkpoint_io import CheckpointError, load_model_weights
 
     load_model_weights(model, checkpoint, source=resume_path)
     try:
@@ -363,13 +362,13 @@ def validate_whole_images(cfg, ctx, model, entries, logger, title: str, writer=N
     ``writer`` (rank 0), a few fixed images of this process's share go to TensorBoard as
     image | ground truth | prediction, coloured with the dataset palette.
     """
-    from util.inference import inference_kwargs, prepare_inference_model
+    from util.evaluation.inference import inference_kwargs, prepare_inference_model
 
     was_training = model.training
     eval_model = prepare_inference_model(model, ctx.device, channels_last=bool(cfg.channels_last))
     kwargs = inference_kwargs(cfg, scales=[float(s) for s in cfg.val_scales], flip=bool(cfg.val_flip))
     my_share = list(range(ctx.rank, len(entries), ctx.world_size))
-    previews = {my_share[i]: None for i in engine.evenly_spaced_subset(len(my_share), PREVIEW_IMAGES)} \
+    previews = {my_share[i]: None for i in training.evenly_spaced_subset(len(my_share), PREVIEW_IMAGES)} \
         if writer is not None else {}
 
     def keep_preview(index, entry, prediction):
@@ -377,7 +376,7 @@ def validate_whole_images(cfg, ctx, model, entries, logger, title: str, writer=N
             previews[index] = prediction.to("cpu", torch.uint8).numpy()
 
     try:
-        stats = engine.evaluate_images(entries, engine.whole_image_predictor(eval_model, kwargs), cfg.classes,
+        stats = training.evaluate_images(entries, training.whole_image_predictor(eval_model, kwargs), cfg.classes,
                                        ctx.device, ignore_index=cfg.ignore_label, rank=ctx.rank,
                                        world_size=ctx.world_size, list_path=cfg.val_list,
                                        on_prediction=keep_preview, logger=logger, title=title)
@@ -391,8 +390,8 @@ def validate_whole_images(cfg, ctx, model, entries, logger, title: str, writer=N
 
 def write_previews(cfg, writer, entries, previews: Dict[int, Any], step: int) -> None:
     """TensorBoard images ``val_preview/NAME``: the image, its ground truth and the prediction side by side."""
-    from util.dataset import load_image, load_label
-    from util.visualize import colorize, config_palette
+    from util.data.dataset import load_image, load_label
+    from util.evaluation.visualize import colorize, config_palette
 
     palette = config_palette(cfg)
     for index, prediction in previews.items():
@@ -409,11 +408,11 @@ def validate(cfg, ctx, model, data: TrainingData, optim: Optimization, epoch_log
     """The per-epoch validation of ``val_mode`` (whole images or centre crops); logs and writes
     ``{loss,mIoU,mAcc,allAcc}_val`` (loss in crop mode only) at ``epoch_log``."""
     title = f"Val epoch [{epoch_log}/{cfg.epochs}]"
-    dist_utils.broadcast_buffers(model)  # every process scores the model rank 0 saves
+    distributed.broadcast_buffers(model)  # every process scores the model rank 0 saves
     if cfg.val_mode == "whole":
         stats = validate_whole_images(cfg, ctx, model, data.val_entries, logger, title, writer, epoch_log)
     else:
-        stats = engine.evaluate(model, data.val_loader, optim.criterion, ctx.device, cfg.classes, cfg.ignore_label,
+        stats = training.evaluate(model, data.val_loader, optim.criterion, ctx.device, cfg.classes, cfg.ignore_label,
                                 amp_dtype=optim.amp_dtype, channels_last=cfg.channels_last, logger=logger)
     loss_text = f"loss {stats['loss']:.4f} " if "loss" in stats else ""
     logger.info(f"Val result at epoch [{epoch_log}/{cfg.epochs}] ({validation_protocol(cfg)}): {loss_text}"
@@ -428,23 +427,23 @@ def validate(cfg, ctx, model, data: TrainingData, optim: Optimization, epoch_log
 def report_final_and_best(cfg, ctx, model, data: TrainingData, last_whole: Optional[Dict], logger) -> Dict[str, Any]:
     """Whole-image validation (the validation's protocol, whatever ``val_mode`` is) of the final
     model and of ``best_mIoU.pth``, logged at the end of training; reuses a result already measured."""
-    from util.checkpoint import load_checkpoint_file, load_model_weights
+    from util.runtime.checkpoint_io import load_checkpoint_file, load_model_weights
 
     if not cfg.evaluate:
         return {}
     if data.val_entries is None:  # val_mode crop: the whole-image list was not needed until now
-        from util.dataset import SegDataset
+        from util.data.dataset import SegDataset
 
         entries = SegDataset("val", cfg.data_root, cfg.val_list).entries
-        data.val_entries = [entries[i] for i in engine.evenly_spaced_subset(len(entries), cfg.val_max_images)]
+        data.val_entries = [entries[i] for i in training.evenly_spaced_subset(len(entries), cfg.val_max_images)]
     whole_cfg = type(cfg)(cfg, val_mode="whole")
     protocol = validation_protocol(whole_cfg)
     results: Dict[str, Any] = {}
-    dist_utils.broadcast_buffers(model)
+    distributed.broadcast_buffers(model)
     results["final"] = last_whole or validate_whole_images(cfg, ctx, model, data.val_entries, logger,
                                                            "Val final model")
     best_path = os.path.join(cfg.save_path, BEST_CHECKPOINT)
-    best_epoch = dist_utils.broadcast_object(
+    best_epoch = distributed.broadcast_object(
         int(load_checkpoint_file(best_path)["epoch"]) if ctx.is_main and os.path.isfile(best_path) else None)
     if best_epoch == cfg.epochs and last_whole is not None:
         results["best"] = results["final"]
@@ -547,7 +546,7 @@ def _log_config(cfg, logger) -> None:
 
 def run(cfg, spawn_index: Optional[int] = None, status: Optional[RunStatus] = None) -> Optional[Dict[str, Any]]:
     """One process's share of the run: join the process group, train, leave it."""
-    ctx = dist_utils.init_distributed(cfg, spawn_index)
+    ctx = distributed.init_distributed(cfg, spawn_index)
     if status is not None:
         status.is_main, status.world_size = ctx.is_main, ctx.world_size
     try:
@@ -555,20 +554,20 @@ def run(cfg, spawn_index: Optional[int] = None, status: Optional[RunStatus] = No
             check_on_every_rank(cfg)
         return _train(cfg, ctx, status or RunStatus(cfg.save_path, ""))
     finally:
-        dist_utils.cleanup()
+        distributed.cleanup()
 
 
 def load_resume_checkpoint(cfg, ctx, logger):
     """``(checkpoint, path)`` to resume from (``(None, None)`` for a fresh run); stale partial writes removed."""
-    from util.checkpoint import load_checkpoint_file, remove_stale_temporaries
+    from util.runtime.checkpoint_io import load_checkpoint_file, remove_stale_temporaries
 
     if ctx.is_main:
         for stale in remove_stale_temporaries(cfg.save_path):
             logger.info(f"removed {stale}: the partial write of a checkpoint by an interrupted run")
-    resume_path = dist_utils.broadcast_object(_resume_path(cfg, logger) if ctx.is_main else None)
+    resume_path = distributed.broadcast_object(_resume_path(cfg, logger) if ctx.is_main else None)
     if resume_path is None:
         return None, None
-    missing = dist_utils.problems_on_any_rank(None if os.path.isfile(resume_path) else f"{resume_path} does not exist")
+    missing = distributed.problems_on_any_rank(None if os.path.isfile(resume_path) else f"{resume_path} does not exist")
     if missing:
         raise CheckpointError(f"every rank resumes from {resume_path}, chosen by rank 0, but: {'; '.join(missing)} "
                               f"(on several machines save_path must be a shared directory)")
@@ -584,14 +583,14 @@ def train_epoch(cfg, ctx, train_model, data: TrainingData, optim: Optimization, 
 
     ``progress``/``rng``: continue the epoch where a mid-epoch checkpoint stopped (the batches done are
     skipped, the random state is this rank's at that point). ``stop``: polled every iteration; a stop
-    raises util.engine.EpochInterrupted on every rank after the same iteration."""
+    raises util.engine.training.EpochInterrupted on every rank after the same iteration."""
     set_seed(epoch_seed(seed, epoch, ctx.rank))
     data.train_sampler.set_epoch(epoch, start=progress["iteration"] * data.batch_size if progress else 0)
     data.train_set.set_epoch(epoch)
     if rng is not None:
         restore_rng_state(rng, ctx.device)
     epoch_start = time.time()
-    stats = engine.train_one_epoch(
+    stats = training.train_one_epoch(
         train_model, data.train_loader, optim.criterion, optim.optimizer, optim.scheduler, ctx.device, epoch,
         max_epochs=cfg.epochs, num_classes=cfg.classes, ignore_index=cfg.ignore_label,
         scaler=optim.scaler, amp_dtype=optim.amp_dtype, channels_last=cfg.channels_last, print_freq=cfg.print_freq,
@@ -608,9 +607,9 @@ def train_epoch(cfg, ctx, train_model, data: TrainingData, optim: Optimization, 
 def _train(cfg, ctx, status: RunStatus) -> Dict[str, Any]:
     # The log and the effective config belong to the run, in save_path; they are written only now,
     # after check_run_config accepted the config (a rejected one leaves nothing behind).
-    log_path, config_copy = training_log_paths(cfg.save_path, dist_utils.broadcast_object(timestamp()))
+    log_path, config_copy = training_log_paths(cfg.save_path, distributed.broadcast_object(timestamp()))
     logger = get_logger(rank=ctx.rank, log_file=log_path)
-    logger.info(dist_utils.describe_launch(ctx))
+    logger.info(distributed.describe_launch(ctx))
     if ctx.is_main:
         logger.info(f"run in {cfg.save_path}: log {log_path}, effective config {config_copy}")
         _log_config(cfg, logger)
@@ -674,7 +673,7 @@ def _train(cfg, ctx, status: RunStatus) -> Dict[str, Any]:
                 try:
                     train_stats = train_epoch(cfg, ctx, train_model, data, optim, epoch, seed, logger, writer,
                                               progress=progress, rng=resume_rng if progress else None, stop=stop)
-                except engine.EpochInterrupted as interrupted:
+                except training.EpochInterrupted as interrupted:
                     raise save_mid_epoch_and_stop(cfg, ctx, model, optim, epoch, interrupted.progress, best_miou,
                                                   iters_per_epoch, stop, status, logger) from None
                 improved, last_whole = False, None
@@ -685,19 +684,19 @@ def _train(cfg, ctx, status: RunStatus) -> Dict[str, Any]:
                     improved = val_stats["mIoU"] > best_miou  # NaN never counts as an improvement
                     best_miou = float(val_stats["mIoU"]) if improved else best_miou
                 # a stop signal during validation: this epoch's checkpoint is written whatever save_freq says
-                stopping = stop.agree(dist_utils.all_gather_object(stop.signum)) and epoch + 1 < cfg.epochs
+                stopping = stop.agree(distributed.all_gather_object(stop.signum)) and epoch + 1 < cfg.epochs
                 status.stage = "saving checkpoints after"
                 save_checkpoints(cfg, ctx, epoch + 1, model, optim, best_miou, improved, logger, force=stopping)
                 if stopping:
                     raise _stopped(stop, f"the end of epoch {epoch + 1}", checkpoint_path(cfg.save_path, epoch + 1),
                                    status, logger)
-        dist_utils.barrier()  # best_mIoU.pth is written before anyone reads it
+        distributed.barrier()  # best_mIoU.pth is written before anyone reads it
         status.epoch, status.stage = None, "validating the final and the best model"
         end_results = report_final_and_best(cfg, ctx, model, data, last_whole, logger)
     finally:
         if writer is not None:
             writer.close()
-    dist_utils.barrier()  # no process leaves (and tears down the group) while rank 0 still writes
+    distributed.barrier()  # no process leaves (and tears down the group) while rank 0 still writes
     logger.info("training finished")
     return {"epochs": cfg.epochs, "best_mIoU": best_miou, "train": train_stats, "val": val_stats,
             "end": end_results, "save_path": cfg.save_path}
@@ -719,8 +718,8 @@ def save_mid_epoch_and_stop(cfg, ctx, model, optim: Optimization, epoch: int, pr
                             iters_per_epoch: int, stop: StopSignals, status: RunStatus, logger) -> TrainingStopped:
     """After a stop signal in the middle of ``epoch`` (0-based): rank 0 writes the mid-epoch checkpoint
     with every rank's random state; returns the TrainingStopped every rank raises."""
-    stop.agree(dist_utils.all_gather_object(stop.signum))
-    rng_states = dist_utils.all_gather_object(rng_state(ctx.device))
+    stop.agree(distributed.all_gather_object(stop.signum))
+    rng_states = distributed.all_gather_object(rng_state(ctx.device))
     path = checkpoint_path(cfg.save_path, epoch, progress["iteration"])
     if ctx.is_main:
         checkpoint = make_checkpoint(epoch, model, optim.optimizer, optim.scheduler, optim.scaler, best_miou, cfg)
@@ -737,7 +736,7 @@ def _stopped(stop: StopSignals, where: str, path: str, status: RunStatus, logger
     message = (f"{stop.name} received: stopped at {where}; saved {path}; resume with: "
                f"{status.resume_command()}")
     logger.info(message)
-    dist_utils.barrier()
+    distributed.barrier()
     return TrainingStopped(message, stop.exit_status)
 
 
@@ -760,9 +759,9 @@ def launch_spawned(cfg, config_path: str, opts: List[str]) -> None:
     A stop signal sent to this parent only is passed on to the children, which save and exit."""
     import torch.multiprocessing as mp
 
-    address, port = dist_utils.rendezvous_address(cfg.dist_url, nodes=int(cfg.world_size))
+    address, port = distributed.rendezvous_address(cfg.dist_url, nodes=int(cfg.world_size))
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = address, str(port)
-    per_node, _ = dist_utils.spawn_world(cfg)
+    per_node, _ = distributed.spawn_world(cfg)
     with StopSignals() as stop:
         context = mp.start_processes(_spawned_process, nprocs=per_node, args=(config_path, list(opts)), join=False)
         forwarded = False
@@ -789,11 +788,11 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
     """
     args = build_arg_parser().parse_args(argv)
     cfg = load_cfg(args.config, args.opts)
-    if dist_utils.launcher_world_size() == 1:  # else every rank checks in run(), together
+    if distributed.launcher_world_size() == 1:  # else every rank checks in run(), together
         check_run_config(cfg)
     status = RunStatus(cfg.save_path, args.config, list(args.opts))
     try:
-        if dist_utils.should_spawn(cfg):
+        if distributed.should_spawn(cfg):
             launch_spawned(cfg, args.config, args.opts)
             return None
         return run(cfg, status=status)

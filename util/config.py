@@ -12,7 +12,7 @@ Keys live beside their code. The keys every tool shares (data, model, sizes, pro
 are listed below; a module that owns a concern declares its own keys, defaults and checks next
 to the code that reads them, at import time::
 
-    # util/optim.py
+    # util/engine/optim.py
     from util.config import check_choice, register_keys
 
     def _check(cfg):
@@ -135,7 +135,7 @@ def _note_retired(key: str, source: str) -> None:
         print(f"note: {source}: '{key}' is ignored: {RETIRED_KEYS[key]}", file=sys.stderr)
 
 # Modules of this repository that declare keys with register_keys (imported before any config is read).
-KEY_MODULES = ("util.precision", "util.losses", "util.optim", "util.transforms", "util.inference", "util.engine")
+KEY_MODULES = ("util.engine.precision", "util.engine.losses", "util.engine.optim", "util.data.transforms", "util.evaluation.inference", "util.engine.training")
 
 SPLITS = ("train", "val", "test")
 
@@ -323,7 +323,7 @@ def load_cfg(path: Optional[str], overrides: Optional[Sequence[str]] = None, val
                     value = None
                 cfg[key] = _check_type(key, value, all_defaults[key], path)
     apply_overrides(cfg, overrides or [])
-    from util.runs import expand_user_paths, rebase_repository_paths
+    from util.runtime.runs import expand_user_paths, rebase_repository_paths
 
     # The repository's configs work from any directory; command-line paths are the shell's.
     rebase_repository_paths(cfg, path, [key.lstrip("-") for key in (overrides or [])[0::2]])

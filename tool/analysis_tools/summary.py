@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from model.summary import summarize  # noqa: E402
-from util.cli import run_cli  # noqa: E402
+from util.runtime.cli import run_cli  # noqa: E402
 from util.config import parse_cli  # noqa: E402
 
 

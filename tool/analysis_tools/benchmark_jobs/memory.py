@@ -17,9 +17,9 @@ LIMIT_GIB = 8.0
 def memory_job(cfg, args, device: torch.device) -> Dict:
     """The child's job: the test of a ``--memory-image-size`` image at the six MEMORY_SCALES."""
     from model import build_model
-    from util.inference import predict_multiscale
-    from util.precision import autocast_dtype_for
-    from util.transforms import MEAN, STD
+    from util.evaluation.inference import predict_multiscale
+    from util.engine.precision import autocast_dtype_for
+    from util.data.transforms import MEAN, STD
 
     cfg.classes = int(args.memory_classes)
     precision = args.memory_precision or cfg.precision

@@ -12,7 +12,7 @@ Labels are only ever moved with nearest-neighbour sampling and padded with ``ign
 value after the transforms is a value of the input label or ``ignore_label``.
 
 All randomness comes from Python's ``random`` module, so seeding ``random`` per sample (as
-``util.dataset.SegDataset`` does) makes augmentation reproducible.
+``util.data.dataset.SegDataset`` does) makes augmentation reproducible.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@
   bare state dicts, and keys with or without ``module.`` (DDP) / ``_orig_mod.`` (torch.compile)
   prefixes are all accepted.
 
-What a training run keeps (file names, pruning, resume, content) is util/training_checkpoints.py.
+What a training run keeps (file names, pruning, resume, content) is util/engine/checkpoints.py.
 """
 from __future__ import annotations
 

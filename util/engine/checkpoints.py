@@ -3,7 +3,7 @@
 
 Their naming, listing and pruning (``keep_checkpoints``), the file ``resume`` points to, their
 content and its check, and a failed write that says what to do. Reading and writing the files
-themselves (safely, atomically) is util/checkpoint.py.
+themselves (safely, atomically) is util/runtime/checkpoint_io.py.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any, List, Optional, Tuple
 
 from torch import nn
 
-from util.checkpoint import CheckpointError, PathLike, add_module_prefix, save_checkpoint
+from util.runtime.checkpoint_io import CheckpointError, PathLike, add_module_prefix, save_checkpoint
 
 EPOCH_CHECKPOINT_PATTERN = re.compile(r"^train_epoch_(\d+)\.pth$")
 # Written when training is stopped by a signal in the middle of epoch E after I of its iterations
@@ -98,7 +98,7 @@ def make_checkpoint(epoch: int, model: nn.Module, optimizer, scheduler, scaler, 
 
 def add_mid_epoch_state(checkpoint: dict, progress: dict, rng_states: List[dict], iters_per_epoch: int) -> dict:
     """Make ``checkpoint`` (of ``epoch`` whole epochs) a mid-epoch one: ``epoch_progress`` (iterations of
-    the next epoch done and that epoch's summed statistics so far, util.engine.EpochInterrupted), each
+    the next epoch done and that epoch's summed statistics so far, util.engine.training.EpochInterrupted), each
     rank's random-number state (``rng_states[rank]``), and the layout they hold for (processes,
     iterations per epoch)."""
     checkpoint.update(epoch_progress=progress, rng_states=list(rng_states), world_size=len(rng_states),

@@ -2,7 +2,7 @@
 
 * :func:`train_one_epoch`: one pass over the training loader.
 * :func:`evaluate_images`: the test protocol, image by image (whole images, sliding windows of
-  util/inference.py): ``tool/test.py`` and the training-time validation (``val_mode whole``) both
+  util/evaluation/inference.py): ``tool/test.py`` and the training-time validation (``val_mode whole``) both
   run this loop, so they produce the same confusion matrix for the same model, images and settings.
 * :func:`evaluate`: the release's quick crop-level validation (``val_mode crop``) over a loader.
 
@@ -20,11 +20,12 @@ import torch
 from torch import nn
 
 from util.config import check_choice, register_keys, require
-from util.distributed import ShardSampler, all_reduce_sum, get_rank
-from util.losses import match_target_size
-from util.metrics import class_range_error, confusion_counts, confusion_matrix, metrics_from_confusion
-from util.misc import AverageMeter, format_seconds
-from util.precision import autocast
+from util.runtime.distributed import ShardSampler, all_reduce_sum, get_rank
+from util.engine.losses import match_target_size
+from util.evaluation.metrics import (class_range_error, confusion_counts, confusion_matrix,
+                                     metrics_from_confusion)
+from util.runtime.log import AverageMeter, format_seconds
+from util.engine.precision import autocast
 
 VAL_LOG_EVERY = 10  # images (or batches) between validation progress lines
 VAL_MODES = ("whole", "crop")
@@ -123,9 +124,9 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
         loader: yields ``(image (N,3,H,W) float, label (N,H,W) int)``; every
             process must yield the same number of batches (DistributedSampler
             with ``drop_last``), since each iteration has collectives.
-        criterion: a :class:`util.losses.SegmentationLoss` (``build_criterion(cfg)``):
+        criterion: a :class:`util.engine.losses.SegmentationLoss` (``build_criterion(cfg)``):
             ``criterion.with_aux(logits, aux_logits, target)`` -> (loss, main, aux).
-        scheduler: stepped once after every optimizer step (``util.optim.build_scheduler``).
+        scheduler: stepped once after every optimizer step (``util.engine.optim.build_scheduler``).
         epoch: 0-based index of this epoch; messages print ``epoch + 1``.
         max_epochs: total epochs of the run (for the ETA); default ``epoch + 1``.
         scaler: a GradScaler for fp16, else None.
@@ -303,10 +304,10 @@ Predictor = Callable[[int, "ListEntry", str], object]
 
 def whole_image_predictor(model: nn.Module, inference_kwargs: dict) -> Predictor:
     """The test protocol's prediction: the image read from disk, then
-    :func:`util.inference.predict_multiscale` (multi-scale, optionally flipped sliding windows) with
-    ``inference_kwargs`` (see :func:`util.inference.inference_kwargs`). ``model`` in eval mode."""
-    from util.dataset import load_image
-    from util.inference import predict_multiscale
+    :func:`util.evaluation.inference.predict_multiscale` (multi-scale, optionally flipped sliding windows) with
+    ``inference_kwargs`` (see :func:`util.evaluation.inference.inference_kwargs`). ``model`` in eval mode."""
+    from util.data.dataset import load_image
+    from util.evaluation.inference import predict_multiscale
 
     def predict(index, entry, where):
         return predict_multiscale(model, load_image(entry.image_path, where=where), **inference_kwargs)
@@ -322,7 +323,7 @@ def evaluate_images(entries: Sequence, predict: Predictor, num_classes: int, dev
     exactly once over all processes) one whole image at a time and score the predictions.
 
     Args:
-        entries: :class:`util.dataset.ListEntry` items (image path, label path, list line number).
+        entries: :class:`util.data.dataset.ListEntry` items (image path, label path, list line number).
         predict: ``predict(index, entry, where) -> (H, W) class map`` (tensor or numpy), e.g.
             :func:`whole_image_predictor`, or a reader of saved predictions.
         labelled: score against ``entry.label_path`` (False for an unlabelled test split).
@@ -339,7 +340,7 @@ def evaluate_images(entries: Sequence, predict: Predictor, num_classes: int, dev
     Raises:
         DataError: a label that does not match its prediction's size or holds invalid class ids.
     """
-    from util.dataset import DataError, load_label
+    from util.data.dataset import DataError, load_label
 
     my_indices = ShardSampler(len(entries), num_replicas=world_size, rank=rank)
     total_cm = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)

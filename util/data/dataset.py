@@ -93,7 +93,7 @@ def read_list_entries(list_path, data_root, split: str) -> list[ListEntry]:
     """
     list_path = str(list_path)
     if not os.path.isfile(list_path):
-        from util.preparation import missing_list_hint
+        from util.data.preparation import missing_list_hint
 
         raise DataError(f"list file not found: {list_path}{missing_list_hint(list_path)}")
     try:

@@ -4,7 +4,7 @@ shell wrappers (which only call them) all follow these rules, so an override suc
 
 A run is the directory ``save_path`` that tool/train.py fills:
 
-* ``train_epoch_N.pth`` / ``best_mIoU.pth`` (util.training_checkpoints), and for every start of train.py a log
+* ``train_epoch_N.pth`` / ``best_mIoU.pth`` (util.engine.checkpoints), and for every start of train.py a log
   ``train-STAMP.log`` and the effective config ``train-STAMP.yaml`` (after overrides, as the run
   used it);
 * results of tool/test.py go to ``RUN/result/NAME/SPLIT/ss`` (``ms`` for several scales), where RUN
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RELEASED_WEIGHTS_HINT = "README.md, section 'Released weights'"
 
 # Config keys whose values are file or directory paths.
@@ -102,7 +102,7 @@ def results_folder(model_path: str, split: str, scales: Sequence[float]) -> str:
 
 def run_checkpoint(save_path: str, epochs: int) -> str:
     """The checkpoint a finished run of ``epochs`` epochs ends with (tool/train.py always saves the last epoch)."""
-    from util.training_checkpoints import checkpoint_path
+    from util.engine.checkpoints import checkpoint_path
 
     return checkpoint_path(save_path, epochs)
 
@@ -117,7 +117,7 @@ def resolve_test_paths(cfg) -> List[str]:
 
     Returns one line per derived key, for the log.
     """
-    from util.training_checkpoints import BEST_CHECKPOINT
+    from util.engine.checkpoints import BEST_CHECKPOINT
 
     derived = []
     if not cfg.get("model_path") and cfg.get("save_path"):
@@ -158,7 +158,7 @@ def checkpoint_path_problem(key: str, path: str) -> Optional[str]:
     A directory is named as one (with the checkpoints of a run directory listed); a missing
     ImageNet file (``pretrained``) says where it comes from and how to train without it.
     """
-    from util.training_checkpoints import BEST_CHECKPOINT, list_epoch_checkpoints
+    from util.engine.checkpoints import BEST_CHECKPOINT, list_epoch_checkpoints
 
     if os.path.isfile(path):
         return None

@@ -1,6 +1,6 @@
 """The ``precision`` setting: its config key, its autocast dtype and the one autocast wrapper.
 
-Training (util/engine.py), inference (util/inference.py) and the benchmarks all turn
+Training (util/engine/training.py), inference (util/evaluation/inference.py) and the benchmarks all turn
 ``precision`` into a dtype with :func:`autocast_dtype_for` and run the model under
 :func:`autocast`, so a new precision is added here and nowhere else.
 """

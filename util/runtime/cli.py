@@ -29,10 +29,10 @@ def one_line_reason(exc: BaseException) -> str:
 
 
 def reported_errors() -> tuple:
-    """The exception types a tool reports as one line (imported here so util.cli stays light to import)."""
-    from util.checkpoint import CheckpointError
-    from util.dataset import DataError
-    from util.engine import NonFiniteLossError
+    """The exception types a tool reports as one line (imported here so util.runtime.cli stays light to import)."""
+    from util.runtime.checkpoint_io import CheckpointError
+    from util.data.dataset import DataError
+    from util.engine.training import NonFiniteLossError
 
     return (CheckpointError, DataError, NonFiniteLossError, FileNotFoundError)
 
@@ -56,7 +56,7 @@ def run_cli(main: Callable[[], Optional[object]]) -> int:
 
 def exit_with(main: Callable[[], Optional[object]]) -> None:
     """The ``if __name__ == "__main__"`` body of a tool: tune the CPU allocator, run ``main``, exit."""
-    from util.perf import keep_freed_memory_for_reuse
+    from util.runtime.perf import keep_freed_memory_for_reuse
 
     keep_freed_memory_for_reuse()  # CPU: reuse freed activation memory instead of fresh page faults
     status = run_cli(main)
