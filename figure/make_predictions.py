@@ -22,7 +22,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from util.runtime.cli import run_cli  # noqa: E402
-from util.config import ConfigError, parse_cli  # noqa: E402
+from util.config import parse_cli  # noqa: E402
+from util.errors import ConfigError  # noqa: E402
 
 HEADER_HEIGHT = 22
 GAP = 4  # white pixels between tiles
@@ -79,7 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from util.data.dataset import load_image, load_label, read_list
     from util.evaluation.inference import inference_kwargs, load_inference_model, predict_multiscale
-    from util.runtime.log import select_device
+    from util.runtime.distributed import select_device
     from util.evaluation.visualize import colorize, config_palette
 
     from util.runtime.runs import resolve_test_paths
@@ -91,7 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise ConfigError("need --model (or model_path in the config) and --list (or test_list)")
     entries = read_list(list_path, cfg.data_root, "val")
     if args.spread:
-        from util.engine.training import evenly_spaced_subset
+        from util.data.dataset import evenly_spaced_subset
 
         entries = [entries[i] for i in evenly_spaced_subset(len(entries), args.num)]
     else:

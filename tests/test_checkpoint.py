@@ -9,9 +9,10 @@ from torch import nn
 
 import tiny_runs
 from model import build_model
-from util.runtime.checkpoint_io import (CheckpointError, add_module_prefix, extract_state_dict,
-                                        load_checkpoint_file, load_model_weights, load_pretrained_backbone,
-                                        save_checkpoint, strip_wrapper_prefixes, unwrap_model)
+from util.errors import CheckpointError
+from util.runtime.checkpoint_io import (add_module_prefix, extract_state_dict, load_checkpoint_file,
+                                        load_model_weights, load_pretrained_backbone, save_checkpoint,
+                                        strip_wrapper_prefixes, unwrap_model)
 
 
 def make_cfg(**overrides):

@@ -1,11 +1,11 @@
 """util.runtime.cli: the one place the tools turn known errors into a line and an exit status."""
 import pytest
 
-from util.runtime.checkpoint_io import CheckpointError
+from util.errors import CheckpointError
 from util.runtime.cli import EXIT_CONFIG, EXIT_ERROR, one_line_reason, run_cli
-from util.config import ConfigError
-from util.data.dataset import DataError
-from util.engine.training import NonFiniteLossError
+from util.errors import ConfigError
+from util.errors import DataError
+from util.errors import NonFiniteLossError
 
 
 def _raising(exc):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from util.runtime import distributed
+from util.runtime import distributed as dist_utils
 from util.config import load_cfg
 from conftest import REPO_ROOT
 
@@ -39,16 +39,16 @@ def test_single_process_context(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     cfg = load_cfg(None, ["device", "cpu"])
-    ctx = distributed.init_distributed(cfg)
-    assert ctx == distributed.DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
+    ctx = dist_utils.init_distributed(cfg)
+    assert ctx == dist_utils.DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
                                          is_main=True, distributed=False)
-    assert not distributed.is_distributed()
-    assert distributed.get_rank() == 0 and distributed.get_world_size() == 1
+    assert not dist_utils.is_distributed()
+    assert dist_utils.get_rank() == 0 and dist_utils.get_world_size() == 1
     t = torch.tensor([1.0, 2.0])
-    assert distributed.all_reduce_sum(t) is t and t.tolist() == [1.0, 2.0]
-    assert distributed.broadcast_object({"a": 1}) == {"a": 1}
-    distributed.barrier()
-    distributed.cleanup()
+    assert dist_utils.all_reduce_sum(t) is t and t.tolist() == [1.0, 2.0]
+    assert dist_utils.broadcast_object({"a": 1}) == {"a": 1}
+    dist_utils.barrier()
+    dist_utils.cleanup()
 
 
 def test_spawn_decision(monkeypatch):
@@ -56,31 +56,31 @@ def test_spawn_decision(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     cfg = load_cfg(None, ["train_gpu", "[0, 1]"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert not distributed.should_spawn(cfg)  # CPU: one process
+    assert not dist_utils.should_spawn(cfg)  # CPU: one process
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert distributed.should_spawn(cfg)
-    assert not distributed.should_spawn(load_cfg(None, ["train_gpu", "[0, 1]", "device", "cpu"]))
-    assert not distributed.should_spawn(load_cfg(None, ["train_gpu", "[0]"]))
-    assert not distributed.should_spawn(load_cfg(None, ["train_gpu", "[0, 1]", "multiprocessing_distributed", "False"]))
+    assert dist_utils.should_spawn(cfg)
+    assert not dist_utils.should_spawn(load_cfg(None, ["train_gpu", "[0, 1]", "device", "cpu"]))
+    assert not dist_utils.should_spawn(load_cfg(None, ["train_gpu", "[0]"]))
+    assert not dist_utils.should_spawn(load_cfg(None, ["train_gpu", "[0, 1]", "multiprocessing_distributed", "False"]))
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert not distributed.should_spawn(cfg)  # torchrun already made the processes
-    assert distributed.spawn_world(load_cfg(None, ["train_gpu", "[0, 1, 2]", "world_size", "2"])) == (3, 6)
+    assert not dist_utils.should_spawn(cfg)  # torchrun already made the processes
+    assert dist_utils.spawn_world(load_cfg(None, ["train_gpu", "[0, 1, 2]", "world_size", "2"])) == (3, 6)
 
 
 def test_rendezvous_address(monkeypatch):
-    assert distributed.rendezvous_address("tcp://10.0.0.5:23456") == ("10.0.0.5", 23456)
+    assert dist_utils.rendezvous_address("tcp://10.0.0.5:23456") == ("10.0.0.5", 23456)
     monkeypatch.setenv("MASTER_ADDR", "node1")
     monkeypatch.setenv("MASTER_PORT", "1234")
-    assert distributed.rendezvous_address("env://") == ("node1", 1234)
+    assert dist_utils.rendezvous_address("env://") == ("node1", 1234)
     monkeypatch.delenv("MASTER_ADDR")
-    host, port = distributed.rendezvous_address("env://")
+    host, port = dist_utils.rendezvous_address("env://")
     assert host == "127.0.0.1" and 0 < port < 65536
     with pytest.raises(ValueError, match="tcp://HOST:PORT"):
-        distributed.rendezvous_address("tcp://nohost")
+        dist_utils.rendezvous_address("tcp://nohost")
     with pytest.raises(ValueError):
-        distributed.rendezvous_address("file:///tmp/x")
+        dist_utils.rendezvous_address("file:///tmp/x")
 
 
 SLURM_VARIABLES = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_STEP_ID", "SLURM_STEPID",
@@ -93,15 +93,15 @@ def _no_launcher(monkeypatch):
 
 
 def test_nodelist_compact_forms():
-    assert distributed.parse_nodelist("node[01-03,07]") == ["node01", "node02", "node03", "node07"]
-    assert distributed.parse_nodelist("gpu5,gpu6") == ["gpu5", "gpu6"]
-    assert distributed.parse_nodelist("gpu5") == ["gpu5"]
-    assert distributed.parse_nodelist("a[8-10],b3") == ["a8", "a9", "a10", "b3"]
-    assert distributed.parse_nodelist("n[098-100]") == ["n098", "n099", "n100"]  # zero padding kept
-    assert distributed.parse_nodelist("r[1-2]-n[1,3]") == ["r1-n1", "r1-n3", "r2-n1", "r2-n3"]
+    assert dist_utils.parse_nodelist("node[01-03,07]") == ["node01", "node02", "node03", "node07"]
+    assert dist_utils.parse_nodelist("gpu5,gpu6") == ["gpu5", "gpu6"]
+    assert dist_utils.parse_nodelist("gpu5") == ["gpu5"]
+    assert dist_utils.parse_nodelist("a[8-10],b3") == ["a8", "a9", "a10", "b3"]
+    assert dist_utils.parse_nodelist("n[098-100]") == ["n098", "n099", "n100"]  # zero padding kept
+    assert dist_utils.parse_nodelist("r[1-2]-n[1,3]") == ["r1-n1", "r1-n3", "r2-n1", "r2-n3"]
     for bad in ("node[01-03", "node[3-1]", "node[a-b]", ""):
         with pytest.raises(ValueError, match="node list"):
-            distributed.parse_nodelist(bad)
+            dist_utils.parse_nodelist(bad)
 
 
 def test_nodelist_asks_scontrol_where_it_exists(tmp_path, monkeypatch):
@@ -109,65 +109,65 @@ def test_nodelist_asks_scontrol_where_it_exists(tmp_path, monkeypatch):
     stub.write_text("#!/bin/sh\n[ \"$1 $2\" = \"show hostnames\" ] && echo \"$3-expanded\" && echo other\n")
     stub.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    assert distributed.expand_nodelist("node[1-2]") == ["node[1-2]-expanded", "other"]
+    assert dist_utils.expand_nodelist("node[1-2]") == ["node[1-2]-expanded", "other"]
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
-    assert distributed.expand_nodelist("node[1-2]") == ["node1", "node2"]
+    assert dist_utils.expand_nodelist("node[1-2]") == ["node1", "node2"]
 
 
 def test_launcher_detection_and_slurm_rendezvous(monkeypatch):
     _no_launcher(monkeypatch)
-    assert distributed.detect_launcher() == "single process" and distributed.launcher_world_size() == 1
+    assert dist_utils.detect_launcher() == "single process" and dist_utils.launcher_world_size() == 1
     monkeypatch.setenv("PATH", "")  # no scontrol: the compact form is parsed
     srun = dict(SLURM_PROCID="3", SLURM_NTASKS="4", SLURM_LOCALID="1", SLURM_JOB_ID="123456",
                 SLURM_JOB_NODELIST="gpu[07-08]")
     for name, value in srun.items():
         monkeypatch.setenv(name, value)
     # A job script running python without srun has these too, but no (real) step: one process.
-    assert distributed.detect_launcher() == "single process"
+    assert dist_utils.detect_launcher() == "single process"
     monkeypatch.setenv("SLURM_STEP_ID", str(0xFFFFFFFB))  # the batch script's pseudo step
-    assert distributed.detect_launcher() == "single process"
+    assert dist_utils.detect_launcher() == "single process"
     monkeypatch.setenv("SLURM_STEP_ID", "0")
-    assert distributed.detect_launcher() == "slurm" and distributed.launcher_world_size() == 4
-    assert distributed.slurm_rendezvous() == ("gpu07", 20000 + 123456 % 10000)
+    assert dist_utils.detect_launcher() == "slurm" and dist_utils.launcher_world_size() == 4
+    assert dist_utils.slurm_rendezvous() == ("gpu07", 20000 + 123456 % 10000)
     monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu08")  # the step's own nodes win over the job's
     monkeypatch.setenv("MASTER_PORT", "31000")
-    assert distributed.slurm_rendezvous() == ("gpu08", 31000)
+    assert dist_utils.slurm_rendezvous() == ("gpu08", 31000)
     monkeypatch.setenv("MASTER_ADDR", "10.1.2.3")
-    assert distributed.slurm_rendezvous() == ("10.1.2.3", 31000)
+    assert dist_utils.slurm_rendezvous() == ("10.1.2.3", 31000)
     # torchrun started inside an srun task: torchrun's variables win
     for name, value in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0").items():
         monkeypatch.setenv(name, value)
-    assert distributed.detect_launcher() == "torchrun" and distributed.launcher_world_size() == 2
-    assert not distributed.launched_by_slurm()
+    assert dist_utils.detect_launcher() == "torchrun" and dist_utils.launcher_world_size() == 2
+    assert not dist_utils.launched_by_slurm()
 
 
 def test_slurm_single_task_is_one_process(monkeypatch):
     _no_launcher(monkeypatch)
     for name, value in dict(SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_LOCALID="0", SLURM_STEP_ID="0").items():
         monkeypatch.setenv(name, value)
-    ctx = distributed.init_distributed(load_cfg(None, ["device", "cpu"]))
+    ctx = dist_utils.init_distributed(load_cfg(None, ["device", "cpu"]))
     assert not ctx.distributed and ctx.world_size == 1 and ctx.launcher == "slurm"
-    assert distributed.describe_launch(ctx).startswith("launcher: slurm, rank 0 of 1")
+    assert dist_utils.describe_launch(ctx).startswith("launcher: slurm, rank 0 of 1")
 
 
 def test_multi_node_spawn_without_rendezvous_is_refused(monkeypatch):
-    from util.config import ConfigError
+    from util.errors import ConfigError
 
     _no_launcher(monkeypatch)
     with pytest.raises(ConfigError, match="MASTER_ADDR and MASTER_PORT.*tcp://HOST:PORT"):
-        distributed.rendezvous_address("env://", nodes=2)
+        dist_utils.rendezvous_address("env://", nodes=2)
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
     with pytest.raises(ConfigError, match="needs MASTER_PORT"):
-        distributed.rendezvous_address("env://", nodes=2)
+        dist_utils.rendezvous_address("env://", nodes=2)
     monkeypatch.setenv("MASTER_PORT", "29500")
-    assert distributed.rendezvous_address("env://", nodes=2) == ("10.0.0.1", 29500)
-    assert distributed.rendezvous_address("tcp://10.0.0.2:1234", nodes=2) == ("10.0.0.2", 1234)
+    assert dist_utils.rendezvous_address("env://", nodes=2) == ("10.0.0.1", 29500)
+    assert dist_utils.rendezvous_address("tcp://10.0.0.2:1234", nodes=2) == ("10.0.0.2", 1234)
 
 
 def test_shard_sampler_scores_every_item_once():
-    shards = [list(distributed.ShardSampler(7, num_replicas=3, rank=r)) for r in range(3)]
+    shards = [list(dist_utils.ShardSampler(7, num_replicas=3, rank=r)) for r in range(3)]
     assert sorted(i for shard in shards for i in shard) == list(range(7))
-    assert [len(distributed.ShardSampler(7, 3, r)) for r in range(3)] == [3, 2, 2]
+    assert [len(dist_utils.ShardSampler(7, 3, r)) for r in range(3)] == [3, 2, 2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,11 +290,12 @@ SPAWN_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])  # tool/: the spawned children import `train` by this name
     import train
     from util.config import load_cfg
+    from util.engine.run_checks import check_run_config
 
     if __name__ == "__main__":  # the spawned children re-import this file as __mp_main__
         config, opts = sys.argv[2], sys.argv[3:]
         cfg = load_cfg(config, opts)
-        train.check_run_config(cfg)
+        check_run_config(cfg)
         train.launch_spawned(cfg, config, opts)
         print("SPAWN DONE", flush=True)
 """)
@@ -317,7 +318,7 @@ def _synthetic_list(root: Path, count: int = 4) -> Path:
 
 def test_spawn_mode_on_cpu(tmp_path):
     list_path = _synthetic_list(tmp_path)
-    port = distributed._free_port()
+    port = dist_utils._free_port()
     config = tmp_path / "spawn.yaml"
     config.write_text(textwrap.dedent(f"""
         DATA: {{data_root: {tmp_path}, train_list: {list_path}, classes: 3}}
@@ -346,14 +347,14 @@ def _free_slurm_job_id() -> int:
     """A job id whose derived MASTER_PORT (SLURM_PORT_BASE + id % SLURM_PORT_SPAN) is free right now."""
     import socket
 
-    for offset in range(1, distributed.SLURM_PORT_SPAN):
-        port = distributed.SLURM_PORT_BASE + (os.getpid() * 7 + offset) % distributed.SLURM_PORT_SPAN
+    for offset in range(1, dist_utils.SLURM_PORT_SPAN):
+        port = dist_utils.SLURM_PORT_BASE + (os.getpid() * 7 + offset) % dist_utils.SLURM_PORT_SPAN
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
-        return 4_000_000 + port - distributed.SLURM_PORT_BASE  # 4_000_000 % SLURM_PORT_SPAN == 0
+        return 4_000_000 + port - dist_utils.SLURM_PORT_BASE  # 4_000_000 % SLURM_PORT_SPAN == 0
     pytest.skip("no free port in the SLURM port range")
 
 
@@ -398,7 +399,7 @@ def test_slurm_tasks_train_like_torchrun(tmp_path):
 
 def _ranks_by_hand(command_of_rank, cwd, timeout=240):
     """Two ranks started separately with torchrun's variables (as on two machines); returns their outputs."""
-    port = distributed._free_port()
+    port = dist_utils._free_port()
     processes = []
     for rank in range(2):
         env = _clean_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",

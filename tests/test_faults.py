@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from tiny_runs import load_script
-from util.runtime import cli
+from util.runtime import cli as util_cli
 from conftest import REPO_ROOT
 
 CLASSES = 3
@@ -175,7 +175,7 @@ def run_cli(tool, monkeypatch, capsys, argv):
     """Call the tool's command-line entry point in-process: (exit status, stdout, stderr)."""
     with monkeypatch.context() as patch:
         patch.setattr(sys, "argv", ["tool.py", *map(str, argv)])
-        status = cli.run_cli(tool.main)
+        status = util_cli.run_cli(tool.main)
     captured = capsys.readouterr()
     return status, captured.out, captured.err
 

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from conftest import REPO_ROOT
 from tiny_runs import load_script, make_cfg, write_tiny_config
 from util.runtime.cli import EXIT_CONFIG, run_cli
-from util.config import ConfigError, unregister_keys
+from util.config import unregister_keys
+from util.errors import ConfigError
 from util.engine.losses import LOSSES, OhemCrossEntropy, SegmentationCrossEntropy, build_criterion
 from util.engine.optim import build_scheduler
 from util.data.transforms import PhotometricDistortion, build_train_transform

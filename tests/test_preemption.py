@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from tiny_runs import write_tiny_config
-from util.engine.checkpoints import (checkpoint_path, find_resume_checkpoint, list_training_checkpoints,
-                                     prune_checkpoints)
+from util.engine.checkpoints import find_resume_checkpoint, prune_checkpoints
+from util.runtime.runs import checkpoint_path, list_training_checkpoints
 from util.runtime.cli import StopSignals
 from util.runtime.distributed import TrainSampler
 from conftest import REPO_ROOT

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from util.config import load_cfg
-from util.data.dataset import DataError, read_list_entries
+from util.data.dataset import read_list_entries
+from util.errors import DataError
 from util.data.preparation import (DATASET_SOURCES, TEMP_MARKER, LabelError, convert_labels, files_by_stem,
                                    missing_list_hint, read_label_png, remap, run_parallel, write_list)
 

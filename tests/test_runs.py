@@ -13,8 +13,9 @@ import yaml
 
 from tiny_runs import REPO_ROOT, load_script, make_dataset, write_tiny_config
 from util.engine import training
-from util.runtime.checkpoint_io import CheckpointError
-from util.config import ConfigError, load_cfg
+from util.errors import CheckpointError
+from util.config import load_cfg
+from util.errors import ConfigError
 from util.runtime.runs import rebase_repository_paths, resolve_test_paths, results_folder, run_directory
 
 TEST_KEYS = ["base_size", "64", "test_h", "65", "test_w", "65", "test_batch_size", "2", "device", "cpu"]
@@ -31,7 +32,7 @@ def test_tool():
 
 
 def fake_epoch(*args, **kwargs):
-    """Stands in for training.train_one_epoch: these tests are about files and paths, not learning."""
+    """Stands in for training.train_iterations: these tests are about files and paths, not learning."""
     return {"loss": 1.0, "main_loss": 1.0, "aux_loss": 0.0, "mIoU": 0.1, "mAcc": 0.1, "allAcc": 0.1}
 
 
@@ -50,7 +51,7 @@ def test_overrides_carry_through_training_testing_and_rescoring(tmp_path, monkey
     config = write_tiny_config(tmp_path)  # the YAML's own save_path is tmp_path/model
     list_path = str(tmp_path / "data" / "list.txt")
     run = tmp_path / "runs" / "demo" / "model"
-    monkeypatch.setattr(training, "train_one_epoch", fake_epoch)
+    monkeypatch.setattr(training, "train_iterations", fake_epoch)
     train_tool.main(["--config", str(config), "save_path", str(run), "epochs", "1"])
 
     # 1. the checkpoints, the log and the effective config all go to the overridden save_path
@@ -188,7 +189,7 @@ def test_fine_tuning_a_checkpoint_of_another_class_count(tmp_path, monkeypatch, 
     source = build_model(source_cfg)
     torch.save({"state_dict": add_module_prefix(source.state_dict()), "epoch": 100}, tmp_path / "ade20k.pth")
     config = write_tiny_config(tmp_path)
-    monkeypatch.setattr(training, "train_one_epoch", fake_epoch)
+    monkeypatch.setattr(training, "train_iterations", fake_epoch)
     train_tool.main(["--config", str(config), "weight", str(tmp_path / "ade20k.pth"), "epochs", "1"])
     log_text = next((tmp_path / "model").glob("train-*.log")).read_text()
     assert "cls.1, aux.4 re-initialised" in log_text

@@ -119,7 +119,7 @@ def train_one_step_like_train_py(model: nn.Module, classes: int):
     optimizer = build_optimizer(model, base_lr=0.01, momentum=0.9, weight_decay=1e-4)
     loader = synthetic_batches(classes)
     scheduler = build_scheduler(optimizer, make_cfg(), iters_per_epoch=len(loader), epochs=1)
-    stats = training.train_one_epoch(model, loader, build_criterion(make_cfg()), optimizer, scheduler,
+    stats = training.train_iterations(model, loader, build_criterion(make_cfg()), optimizer, scheduler,
                                    torch.device("cpu"), 0, num_classes=classes,
                                    channels_last=False)
     changed = [name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])]

@@ -146,7 +146,7 @@ def test_end_to_end_val_best_model_and_has_prediction(synthetic):
 
 def test_test_split_index_range_and_errors(synthetic):
     from tool.test import main
-    from util.runtime.checkpoint_io import CheckpointError
+    from util.errors import CheckpointError
 
     out = synthetic / "test_split"
     assert main(_argv(synthetic, "split", "test", "test_list", synthetic / "test.txt", "save_folder", out,

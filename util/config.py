@@ -41,9 +41,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message says what is allowed."""
+from util.errors import ConfigError
 
 
 # Section -> key -> default. ``None`` means "empty in YAML": such a key accepts any type.
@@ -135,7 +133,9 @@ def _note_retired(key: str, source: str) -> None:
         print(f"note: {source}: '{key}' is ignored: {RETIRED_KEYS[key]}", file=sys.stderr)
 
 # Modules of this repository that declare keys with register_keys (imported before any config is read).
-KEY_MODULES = ("util.engine.precision", "util.engine.losses", "util.engine.optim", "util.data.transforms", "util.evaluation.inference", "util.engine.training")
+# Their keys appear in the schema (and in a dumped config) in this order, whatever order they were imported in.
+KEY_MODULES = ("util.engine.losses", "util.engine.precision", "util.engine.validation", "util.engine.optim",
+               "util.data.transforms", "util.evaluation.inference")
 
 SPLITS = ("train", "val", "test")
 
@@ -191,6 +191,11 @@ def _load_key_modules() -> None:
         _key_modules_loaded = True
         for name in KEY_MODULES:
             importlib.import_module(name)
+        rank = {name: index for index, name in enumerate(KEY_MODULES)}
+        for section, keys in SCHEMA.items():
+            # built-in keys first, then each key module's in KEY_MODULES order (stable within a module)
+            ordered = sorted(keys, key=lambda key: rank.get(_KEY_OWNERS.get(key), -1))
+            SCHEMA[section] = {key: keys[key] for key in ordered}
 
 
 def schema() -> Dict[str, Dict[str, Any]]:

@@ -17,7 +17,7 @@ when the absolute numbers are not comparable between machines (the jobs: benchma
   flip per forward, float32, NCHW, BatchNorm as is, float64 accumulation on the host, glibc's default
   allocator, a separate process) and reports the speed-up and the fraction of pixels whose fast
   float32 prediction equals it.
-* ``train``: ``util.engine.training.train_one_epoch`` (the loop of tool/train.py with the config's loss,
+* ``train``: ``util.engine.training.train_iterations`` (the loop of tool/train.py with the config's loss,
   optimiser and schedule, channels_last, autocast) on random crops: images/s and utilisation.
 * ``data``: samples/s of the training DataLoader (cfg.workers, cfg.batch_size, real files of
   cfg.train_list with the training augmentation), and the training step fed by it against the same
@@ -52,7 +52,7 @@ from tool.analysis_tools.benchmark_jobs import command  # noqa: E402
 from tool.analysis_tools.benchmark_jobs.measure import GIB, log, matmul_rate, peak_rss_gib  # noqa: E402
 from tool.analysis_tools.benchmark_jobs.report import benchmark_table  # noqa: E402
 from util.runtime.cli import run_cli  # noqa: E402
-from util.config import ConfigError  # noqa: E402
+from util.errors import ConfigError  # noqa: E402
 from util.engine.precision import PRECISIONS  # noqa: E402
 
 SCRIPT = str(Path(__file__).resolve())

@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 from util.runtime.cli import exit_with  # noqa: E402
-from util.config import ConfigError, load_cfg  # noqa: E402
-from util.evaluation.deploy import (FORMAT_SUFFIXES, describe_check, export_metadata, export_model)
+from util.config import load_cfg  # noqa: E402
+from util.errors import ConfigError  # noqa: E402
+from util.evaluation.deploy import (FORMAT_SUFFIXES, describe_check, export_metadata, export_model)  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]]):

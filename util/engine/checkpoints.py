@@ -1,58 +1,26 @@
-"""The files of a training run in ``save_path``: ``train_epoch_N.pth`` (and mid-epoch
-``train_epoch_N_iter_I.pth``) and ``best_mIoU.pth``.
+"""Training checkpoints, in one place: what they hold, when they are written (every ``save_freq``
+epochs, the best, mid-epoch on a stop signal), pruning (``keep_checkpoints``) and resuming from them
+(``resume``: the file, its check, the state it restores, and the position inside an epoch).
 
-Their naming, listing and pruning (``keep_checkpoints``), the file ``resume`` points to, their
-content and its check, and a failed write that says what to do. Reading and writing the files
-themselves (safely, atomically) is util/runtime/checkpoint_io.py.
+Their file names are util/runtime/runs.py's; reading and writing the files themselves (safely,
+atomically) is util/runtime/checkpoint_io.py.
 """
 from __future__ import annotations
 
 import os
-import re
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from torch import nn
 
-from util.runtime.checkpoint_io import CheckpointError, PathLike, add_module_prefix, save_checkpoint
-
-EPOCH_CHECKPOINT_PATTERN = re.compile(r"^train_epoch_(\d+)\.pth$")
-# Written when training is stopped by a signal in the middle of epoch E after I of its iterations
-# (the log's "Epoch: [E/..][I/..]"); it holds epoch E - 1 (epochs done) and iteration I.
-MID_EPOCH_CHECKPOINT_PATTERN = re.compile(r"^train_epoch_(\d+)_iter_(\d+)\.pth$")
-BEST_CHECKPOINT = "best_mIoU.pth"
-
-
-def checkpoint_path(save_path: PathLike, epoch: int, iteration: int = 0) -> str:
-    """``save_path/train_epoch_{epoch}.pth`` after ``epoch`` whole epochs; with ``iteration`` > 0 the
-    mid-epoch ``train_epoch_{epoch + 1}_iter_{iteration}.pth`` (``iteration`` done of epoch ``epoch + 1``)."""
-    name = f"train_epoch_{epoch + 1}_iter_{iteration}.pth" if iteration else f"train_epoch_{epoch}.pth"
-    return os.path.join(os.fspath(save_path), name)
-
-
-def list_training_checkpoints(save_path: PathLike) -> List[Tuple[Tuple[int, int], str]]:
-    """``[((epochs done, iterations done in the next epoch), path), ...]`` of every training checkpoint
-    in ``save_path`` (whole-epoch and mid-epoch), oldest first."""
-    save_path = os.fspath(save_path)
-    found = [((epoch, 0), path) for epoch, path in list_epoch_checkpoints(save_path)]
-    if os.path.isdir(save_path):
-        for name in os.listdir(save_path):
-            match = MID_EPOCH_CHECKPOINT_PATTERN.match(name)
-            if match and int(match.group(1)) >= 1:
-                found.append(((int(match.group(1)) - 1, int(match.group(2))), os.path.join(save_path, name)))
-    return sorted(found)
-
-
-def list_epoch_checkpoints(save_path: PathLike) -> List[Tuple[int, str]]:
-    """``[(epoch, path), ...]`` of the ``train_epoch_N.pth`` files in ``save_path``, oldest first."""
-    save_path = os.fspath(save_path)
-    if not os.path.isdir(save_path):
-        return []
-    found = []
-    for name in os.listdir(save_path):
-        match = EPOCH_CHECKPOINT_PATTERN.match(name)
-        if match:
-            found.append((int(match.group(1)), os.path.join(save_path, name)))
-    return sorted(found)
+from util.engine.training import Optimization
+from util.engine.validation import validation_protocol
+from util.errors import CheckpointError
+from util.runtime import distributed
+from util.runtime.checkpoint_io import (PathLike, add_module_prefix, load_checkpoint_file, load_model_weights,
+                                        remove_stale_temporaries, save_checkpoint)
+from util.runtime.runs import (BEST_CHECKPOINT, MID_EPOCH_CHECKPOINT_PATTERN, checkpoint_path, list_epoch_checkpoints,
+                               list_training_checkpoints)
+from util.runtime.seeding import rng_state
 
 
 def prune_checkpoints(save_path: PathLike, keep: int) -> None:
@@ -79,14 +47,14 @@ def find_resume_checkpoint(resume: Optional[str], save_path: PathLike) -> Option
     return resume
 
 
-def make_checkpoint(epoch: int, model: nn.Module, optimizer, scheduler, scaler, best_miou: float,
+def make_checkpoint(epochs_done: int, model: nn.Module, optimizer, scheduler, scaler, best_miou: float,
                     cfg) -> dict:
     """The saved training state: plain data and tensors only, so it loads with ``weights_only=True``.
 
     ``state_dict`` keys carry the release's ``module.`` prefix, so the release's tools read it too.
     """
     return {
-        "epoch": int(epoch),
+        "epoch": int(epochs_done),
         "state_dict": add_module_prefix(model.state_dict()),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -128,6 +96,111 @@ def save_training_checkpoint(checkpoint: dict, path: PathLike) -> None:
                               f"'resume auto' continues from the newest)") from None
 
 
-__all__ = ["BEST_CHECKPOINT", "checkpoint_path", "list_training_checkpoints", "list_epoch_checkpoints",
-           "prune_checkpoints", "find_resume_checkpoint", "make_checkpoint", "add_mid_epoch_state",
-           "check_training_checkpoint", "save_training_checkpoint"]
+
+
+def resume_checkpoint_path(cfg, logger) -> Optional[str]:
+    """The checkpoint to resume from, or None (no ``resume``, or ``resume: auto`` with nothing saved yet)."""
+    path = find_resume_checkpoint(cfg.resume, cfg.save_path)
+    if cfg.resume == "auto" and path is None:
+        logger.info(f"resume auto: no train_epoch_N.pth in {cfg.save_path}; starting from scratch")
+    return path
+
+
+def restore_training_state(cfg, checkpoint, resume_path: str, model, optim: Optimization, logger) -> Tuple[int, float]:
+    """Load a training checkpoint into the model, optimiser, scheduler and scaler; returns
+    ``(epochs done, best validation mIoU)``."""
+    load_model_weights(model, checkpoint, source=resume_path)
+    try:
+        optim.optimizer.load_state_dict(checkpoint["optimizer"])
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(
+            f"{resume_path}: its optimizer state does not fit this run's parameter groups ({exc}); "
+            f"to start a new run from its weights use 'weight {resume_path}' instead of resume") from None
+    if checkpoint.get("scheduler") is not None:
+        optim.scheduler.load_state_dict(checkpoint["scheduler"])
+    if optim.scaler is not None and checkpoint.get("scaler") is not None:
+        optim.scaler.load_state_dict(checkpoint["scaler"])
+    epochs_done = int(checkpoint["epoch"])
+    best_miou = float(checkpoint.get("best_mIoU", 0.0))
+    saved_protocol = checkpoint.get("val_protocol")
+    if cfg.evaluate and best_miou > 0 and saved_protocol not in (None, validation_protocol(cfg)):
+        logger.info(f"the saved best mIoU {best_miou:.4f} was measured on {saved_protocol}; this run validates "
+                    f"on {validation_protocol(cfg)}: its first validation replaces best_mIoU.pth")
+        best_miou = 0.0
+    best_text = f", best mIoU {best_miou:.4f}" if best_miou > 0 else ""
+    logger.info(f"resumed from {resume_path}: {epochs_done} epoch(s) done{best_text}")
+    if cfg.resume == "auto":
+        # A run killed between writing train_epoch_N.pth and pruning the older ones (or resumed
+        # with a smaller keep_checkpoints) leaves extra files: apply the policy now, since a run
+        # resumed at its last epoch writes nothing more. The newest file, just loaded, is kept.
+        prune_checkpoints(cfg.save_path, cfg.keep_checkpoints)
+    return epochs_done, best_miou
+
+
+def save_checkpoints(cfg, ctx, epochs_done: int, model, optim: Optimization, best_miou: float, improved: bool,
+                     logger, force: bool = False) -> None:
+    """``train_epoch_N.pth`` every ``save_freq`` epochs, after the last and when ``force`` (a stop signal);
+    ``best_mIoU.pth`` when improved."""
+    if not ctx.is_main:
+        return
+    checkpoint = None
+
+    def build():
+        made = make_checkpoint(epochs_done, model, optim.optimizer, optim.scheduler, optim.scaler, best_miou, cfg)
+        made["val_protocol"] = validation_protocol(cfg) if cfg.evaluate else None
+        return made
+
+    if epochs_done % cfg.save_freq == 0 or epochs_done == cfg.epochs or force:
+        checkpoint = build()
+        path = checkpoint_path(cfg.save_path, epochs_done)
+        save_training_checkpoint(checkpoint, path)
+        prune_checkpoints(cfg.save_path, cfg.keep_checkpoints)
+        logger.info(f"saved {path}")
+    if improved:
+        path = os.path.join(cfg.save_path, BEST_CHECKPOINT)
+        save_training_checkpoint(checkpoint if checkpoint is not None else build(), path)
+        logger.info(f"new best validation mIoU {best_miou:.4f}: saved {path}")
+
+
+def load_resume_checkpoint(cfg, ctx, logger):
+    """``(checkpoint, path)`` to resume from (``(None, None)`` for a fresh run); stale partial writes removed."""
+    if ctx.is_main:
+        for stale in remove_stale_temporaries(cfg.save_path):
+            logger.info(f"removed {stale}: the partial write of a checkpoint by an interrupted run")
+    resume_path = distributed.broadcast_object(resume_checkpoint_path(cfg, logger) if ctx.is_main else None)
+    if resume_path is None:
+        return None, None
+    missing = distributed.problems_on_any_rank(None if os.path.isfile(resume_path) else f"{resume_path} does not exist")
+    if missing:
+        raise CheckpointError(f"every rank resumes from {resume_path}, chosen by rank 0, but: {'; '.join(missing)} "
+                              f"(on several machines save_path must be a shared directory)")
+    checkpoint = load_checkpoint_file(resume_path)
+    check_training_checkpoint(checkpoint, resume_path)
+    return checkpoint, resume_path
+
+
+def mid_epoch_resume_state(checkpoint: dict, path: str, ctx, iters_per_epoch: int):
+    """``(progress, this rank's RNG state)`` of a mid-epoch checkpoint; CheckpointError when this run's
+    layout differs from the one that wrote it (another data order: the position would mean nothing)."""
+    written = (checkpoint.get("world_size"), checkpoint.get("iters_per_epoch"))
+    if written != (ctx.world_size, iters_per_epoch):
+        raise CheckpointError(
+            f"{path} was written in the middle of an epoch by a run of {written[0]} process(es) with {written[1]} "
+            f"iterations per epoch; this run has {ctx.world_size} and {iters_per_epoch}: resume it with the same "
+            f"number of processes and batch_size, or resume a train_epoch_N.pth instead")
+    return checkpoint["epoch_progress"], checkpoint["rng_states"][ctx.rank]
+
+
+def save_mid_epoch_checkpoint(cfg, ctx, model, optim: Optimization, epoch: int, progress: Dict, best_miou: float,
+                              iters_per_epoch: int, stop) -> str:
+    """After a stop signal (``stop``, a util.runtime.cli.StopSignals) in the middle of ``epoch`` (0-based):
+    rank 0 writes the mid-epoch checkpoint with every rank's random state; returns its path."""
+    stop.agree(distributed.all_gather_object(stop.signum))
+    rng_states = distributed.all_gather_object(rng_state(ctx.device))
+    path = checkpoint_path(cfg.save_path, epoch, progress["iteration"])
+    if ctx.is_main:
+        checkpoint = make_checkpoint(epoch, model, optim.optimizer, optim.scheduler, optim.scaler, best_miou, cfg)
+        checkpoint["val_protocol"] = validation_protocol(cfg) if cfg.evaluate else None
+        save_training_checkpoint(add_mid_epoch_state(checkpoint, progress, rng_states, iters_per_epoch), path)
+        prune_checkpoints(cfg.save_path, cfg.keep_checkpoints)
+    return path

@@ -1,63 +1,35 @@
-"""One training epoch and the evaluation passes, written against objects, not a global ``args``.
-
-* :func:`train_one_epoch`: one pass over the training loader.
-* :func:`evaluate_images`: the test protocol, image by image (whole images, sliding windows of
-  util/evaluation/inference.py): ``tool/test.py`` and the training-time validation (``val_mode whole``) both
-  run this loop, so they produce the same confusion matrix for the same model, images and settings.
-* :func:`evaluate`: the release's quick crop-level validation (``val_mode crop``) over a loader.
-
-Each accumulates a confusion matrix on the device and sums it (and the loss) over all processes,
-so every rank returns the same global numbers.
+"""Training, written against objects, not a global ``args``: the model, optimiser and schedule a run
+trains (:func:`build_training_model`, :func:`build_optimization`, :func:`wrap_model`), one epoch with
+its seeds, data order and result line (:func:`train_one_epoch`), and the pass over the training
+loader it runs (:func:`train_iterations`), which sums its statistics over all processes, so every
+rank returns the same global numbers.
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import nn
 
-from util.config import check_choice, register_keys, require
-from util.runtime.distributed import ShardSampler, all_reduce_sum, get_rank
-from util.engine.losses import match_target_size
-from util.evaluation.metrics import (class_range_error, confusion_counts, confusion_matrix,
-                                     metrics_from_confusion)
+import model as models
+from util.data.loaders import TrainingData
+from util.engine.losses import build_criterion, match_target_size
+from util.engine.optim import build_optimizer, build_scheduler
+from util.engine.precision import autocast, autocast_dtype_for
+from util.errors import NonFiniteLossError
+from util.evaluation.metrics import class_range_error, confusion_counts, metrics_from_confusion
+from util.runtime.checkpoint_io import load_pretrained_backbone, load_weights_for_fine_tuning
+from util.runtime.distributed import all_reduce_sum, get_rank
 from util.runtime.log import AverageMeter, format_seconds
-from util.engine.precision import autocast
-
-VAL_LOG_EVERY = 10  # images (or batches) between validation progress lines
-VAL_MODES = ("whole", "crop")
-
-
-def _check_validation_keys(cfg) -> None:
-    check_choice(cfg, "val_mode", VAL_MODES)
-    require(isinstance(cfg.val_scales, list) and len(cfg.val_scales) > 0 and all(s > 0 for s in cfg.val_scales),
-            f"val_scales must be a non-empty list of positive numbers, got {cfg.val_scales}")
-    require(isinstance(cfg.val_every, int) and cfg.val_every >= 1, f"val_every must be an integer >= 1, got {cfg.val_every}")
-    require(isinstance(cfg.val_max_images, int) and cfg.val_max_images >= 0,
-            f"val_max_images must be an integer >= 0 (0 = every image of val_list), got {cfg.val_max_images}")
-
-
-# The training-time validation (tool/train.py, when ``evaluate``): "whole" = evaluate_images, tool/test.py's
-# protocol, on whole val images (the TEST section's base_size, test_h/test_w, test_batch_size, with these
-# scales and flip); "crop" = evaluate, the release's centre train_h x train_w crop.
-register_keys("TRAIN", {
-    "val_mode": "whole",
-    "val_scales": [1.0],
-    "val_flip": False,
-    "val_every": 1,  # epochs between validations (the last epoch is always validated)
-    "val_max_images": 0,  # 0 = all of val_list, else this many evenly spaced images (a fixed subset)
-}, check=_check_validation_keys)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the run stops (the last saved checkpoint is kept)."""
+from util.runtime.seeding import epoch_seed, restore_rng_state, set_seed
 
 
 class EpochInterrupted(Exception):
-    """:func:`train_one_epoch` stopped early because a process asked to (every rank stops after the same
+    """:func:`train_iterations` stopped early because a process asked to (every rank stops after the same
     iteration). ``progress`` is what continuing the epoch needs: ``dict(iteration, loss_sums, confusion)``
     (iterations done, the summed statistics so far, on the CPU); pass it back as ``progress``."""
 
@@ -66,7 +38,7 @@ class EpochInterrupted(Exception):
         self.progress = progress
 
 
-def _to_device(image: torch.Tensor, target: torch.Tensor, device: torch.device, channels_last: bool):
+def to_device(image: torch.Tensor, target: torch.Tensor, device: torch.device, channels_last: bool):
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     image = image.to(device, non_blocking=True, memory_format=memory_format)
     target = target.to(device, non_blocking=True).long()
@@ -86,30 +58,7 @@ def learning_rate_scalars(optimizer: torch.optim.Optimizer) -> Dict[str, float]:
     return {f"lr/{g.get('name', index)}": float(g["lr"]) for index, g in enumerate(groups)}
 
 
-class ProgressLine:
-    """``[done/total] s/item, elapsed, ETA`` lines every ``every`` items (and after the last one)."""
-
-    def __init__(self, title: str, total: Optional[int], logger: Optional[logging.Logger], every: int = VAL_LOG_EVERY,
-                 unit: str = "image") -> None:
-        self.title, self.total, self.logger, self.every, self.unit = title, total, logger, every, unit
-        self.start = time.time()
-
-    def update(self, done: int, last: bool = False) -> None:
-        """Log after every ``every`` items and the last one; with ``total`` None (a video that does not
-        say its length) the call with ``last`` True logs the count without an ETA."""
-        if self.logger is None or not (done % self.every == 0 or done == self.total or last):
-            return
-        elapsed = time.time() - self.start
-        if self.total is None:
-            self.logger.info(f"{self.title}: [{done}] {elapsed / max(done, 1):.3f} s/{self.unit}, "
-                             f"elapsed {format_seconds(elapsed)}")
-            return
-        remaining = elapsed / done * (self.total - done)
-        self.logger.info(f"{self.title}: [{done}/{self.total}] {elapsed / done:.3f} s/{self.unit}, "
-                         f"elapsed {format_seconds(elapsed)}, ETA {format_seconds(remaining)}")
-
-
-def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+def train_iterations(model: nn.Module, loader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler, device: torch.device, epoch: int, *, max_epochs: Optional[int] = None,
                     num_classes: int, ignore_index: int = 255,
                     scaler: Optional[torch.amp.GradScaler] = None, amp_dtype: Optional[torch.dtype] = None,
@@ -165,7 +114,7 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
     end = time.time()
     for i, (image, target) in enumerate(loader, start_iteration):
         data_time.update(time.time() - end)
-        image, target = _to_device(image, target, device, channels_last)
+        image, target = to_device(image, target, device, channels_last)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device.type, amp_dtype):
             logits, aux_logits = model(image)
@@ -253,130 +202,88 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
     }
 
 
-def evaluate(model: nn.Module, loader, criterion: nn.Module, device: torch.device, num_classes: int,
-             ignore_index: int = 255, amp_dtype: Optional[torch.dtype] = None, channels_last: bool = True,
-             logger: Optional[logging.Logger] = None) -> Dict:
-    """Score ``model`` (eval mode) on ``loader``; the confusion matrix and loss are summed over processes.
+@dataclass
+class Optimization:
+    """What the training step needs besides the model: loss, optimiser, schedule, fp16 scaler, autocast dtype."""
 
-    Pass the plain model, not the DDP wrapper: processes may hold different
-    numbers of evaluation batches (no padding), and DDP's forward would try to
-    synchronise buffers in every call.
-
-    Returns:
-        ``dict(loss, mIoU, mAcc, allAcc, iou, acc)``; ``loss`` is ``criterion(logits, target)``
-        (the main output's pixel loss) per sample; ``iou``/``acc`` are per-class lists.
-    """
-    was_training = model.training
-    model.eval()
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    loss_sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss*n, n
-    start = time.time()
-    progress = ProgressLine("Val (crops)", len(loader), logger, unit="batch")
-    with torch.inference_mode():
-        for done, (image, target) in enumerate(loader, 1):
-            image, target = _to_device(image, target, device, channels_last)
-            with autocast(device.type, amp_dtype):
-                logits = model(image)
-            if isinstance(logits, (tuple, list)):  # a model that also returns aux in eval mode
-                logits = logits[0]
-            target = match_target_size(target, logits.shape[-2:])
-            loss = criterion(logits, target)
-            n = image.shape[0]
-            loss_sums[0] += loss.double() * n
-            loss_sums[1] += n
-            cm += confusion_matrix(logits.argmax(1), target, num_classes, ignore_index)
-            progress.update(done)
-    all_reduce_sum(cm)
-    all_reduce_sum(loss_sums)
-    model.train(was_training)
-    sums = loss_sums.cpu()
-    scores = metrics_from_confusion(cm)
-    result = {"loss": sums[0].item() / max(sums[1].item(), 1.0), **scores}
-    if logger is not None:
-        logger.info(f"Evaluated {int(sums[1].item())} images in {format_seconds(time.time() - start)}")
-    return result
+    criterion: Any
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    amp_dtype: Optional[torch.dtype]
 
 
-# A prediction function for evaluate_images: (index into entries, the entry, "list L line N") ->
-# the (H, W) class map of that image (torch tensor or numpy array).
-Predictor = Callable[[int, "ListEntry", str], object]
+def build_training_model(cfg, ctx, has_checkpoint: bool, logger):
+    """The model on ``ctx.device``: ImageNet backbone (``pretrained``) or whole ``weight`` file, also one of
+    another class count (fine-tuning; not when resuming: the checkpoint's weights come later),
+    SyncBatchNorm when distributed on CUDA."""
+    model = models.build_model(cfg)
+    if cfg.pretrained:
+        load_pretrained_backbone(model, cfg.pretrained)
+        logger.info(f"backbone initialised from {cfg.pretrained}")
+    if cfg.weight and not has_checkpoint:
+        reinitialised = load_weights_for_fine_tuning(model, cfg.weight)
+        logger.info(f"weights initialised from {cfg.weight}")
+        if reinitialised:
+            logger.info(f"{', '.join(reinitialised)} re-initialised: {cfg.weight} was trained for another number "
+                        f"of classes (this run has {cfg.classes}); every other layer is the checkpoint's")
+    elif cfg.weight:
+        logger.info(f"weight {cfg.weight} not used: resuming from a checkpoint instead")
+    if cfg.sync_bn and ctx.distributed:
+        if ctx.device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif ctx.is_main:
+            logger.warning("sync_bn: SyncBatchNorm needs CUDA; on the CPU each process normalises over its own batch")
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(ctx.device, memory_format=memory_format)
+    logger.info(f"{cfg.arch} on {cfg.backbone_net}{cfg.layers}: "
+                f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    return model
 
 
-def whole_image_predictor(model: nn.Module, inference_kwargs: dict) -> Predictor:
-    """The test protocol's prediction: the image read from disk, then
-    :func:`util.evaluation.inference.predict_multiscale` (multi-scale, optionally flipped sliding windows) with
-    ``inference_kwargs`` (see :func:`util.evaluation.inference.inference_kwargs`). ``model`` in eval mode."""
-    from util.data.dataset import load_image
-    from util.evaluation.inference import predict_multiscale
-
-    def predict(index, entry, where):
-        return predict_multiscale(model, load_image(entry.image_path, where=where), **inference_kwargs)
-
-    return predict
+def build_optimization(cfg, ctx, model, iters_per_epoch: int) -> Optimization:
+    """The run's loss, optimiser (backbone and 10x head groups), per-iteration schedule and precision."""
+    optimizer = build_optimizer(model, cfg.base_lr, cfg.momentum, cfg.weight_decay)
+    return Optimization(criterion=build_criterion(cfg), optimizer=optimizer,
+                        scheduler=build_scheduler(optimizer, cfg, iters_per_epoch),
+                        scaler=torch.amp.GradScaler(ctx.device.type) if cfg.precision == "fp16" else None,
+                        amp_dtype=autocast_dtype_for(cfg.precision))
 
 
-def evaluate_images(entries: Sequence, predict: Predictor, num_classes: int, device: torch.device, *,
-                    ignore_index: int = 255, labelled: bool = True, rank: int = 0, world_size: int = 1,
-                    list_path=None, on_prediction: Optional[Callable] = None,
-                    logger: Optional[logging.Logger] = None, title: str = "Test") -> Optional[Dict]:
-    """Predict this process's share of ``entries`` (``rank, rank + world_size, ...``: every image
-    exactly once over all processes) one whole image at a time and score the predictions.
-
-    Args:
-        entries: :class:`util.data.dataset.ListEntry` items (image path, label path, list line number).
-        predict: ``predict(index, entry, where) -> (H, W) class map`` (tensor or numpy), e.g.
-            :func:`whole_image_predictor`, or a reader of saved predictions.
-        labelled: score against ``entry.label_path`` (False for an unlabelled test split).
-        on_prediction: called as ``on_prediction(index, entry, prediction)`` after each image
-            (tool/test.py saves the maps there; training keeps a few for TensorBoard).
-        list_path: named in error messages with the entry's line number.
-        logger: progress lines with count and ETA (``title: [done/total] ...``).
-
-    Returns:
-        None when not ``labelled``, else ``metrics_from_confusion`` of the confusion matrix summed
-        over all processes plus ``confusion_matrix`` (int64 tensor, on ``device``) and
-        ``num_images``; identical on every rank.
-
-    Raises:
-        DataError: a label that does not match its prediction's size or holds invalid class ids.
-    """
-    from util.data.dataset import DataError, load_label
-
-    my_indices = ShardSampler(len(entries), num_replicas=world_size, rank=rank)
-    total_cm = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
-    progress = ProgressLine(title, len(my_indices), logger)
-    for done, index in enumerate(my_indices, 1):
-        entry = entries[index]
-        where = f"list {list_path} line {entry.line_number}"
-        prediction = predict(index, entry, where)
-        if on_prediction is not None:
-            on_prediction(index, entry, prediction)
-        if labelled:
-            label = load_label(entry.label_path, where=where)
-            if tuple(label.shape) != tuple(prediction.shape):
-                raise DataError(f"{where}: label {entry.label_path} is {label.shape[1]}x{label.shape[0]} but the "
-                                f"prediction for {entry.image_path} is {prediction.shape[1]}x{prediction.shape[0]}")
-            try:
-                total_cm += confusion_matrix(torch.as_tensor(prediction).to(device),
-                                             torch.from_numpy(label).to(device), num_classes, ignore_index)
-            except ValueError as error:
-                raise DataError(f"{where}: {entry.label_path}: {error}") from None
-        progress.update(done)
-    count = torch.tensor([len(my_indices)], dtype=torch.int64, device=device)
-    if world_size > 1:
-        all_reduce_sum(total_cm)
-        all_reduce_sum(count)
-    if not labelled:
-        return None
-    return {**metrics_from_confusion(total_cm), "confusion_matrix": total_cm, "num_images": int(count.item())}
+def wrap_model(cfg, ctx, model):
+    """The module the training step calls: DDP when distributed, torch.compile when ``compile``."""
+    train_model = model
+    if ctx.distributed:
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    return train_model
 
 
-def evenly_spaced_subset(length: int, max_items: int) -> List[int]:
-    """``max_items`` indices spread evenly over ``range(length)`` (first and last included; all of
-    them when ``max_items`` is 0 or >= ``length``): a fixed, reproducible subset that samples every
-    part of a list, e.g. every sequence of a video dataset, not only its first frames."""
-    if not max_items or max_items >= length:
-        return list(range(length))
-    if max_items == 1:
-        return [0]
-    return sorted({round(i * (length - 1) / (max_items - 1)) for i in range(max_items)})
+def train_one_epoch(cfg, ctx, train_model, data: TrainingData, optim: Optimization, epoch: int, seed: int, logger,
+                    writer, progress: Optional[Dict] = None, rng: Optional[Dict] = None,
+                    stop=None) -> Dict[str, float]:
+    """One epoch (0-based ``epoch``) with its seeds and data order set for exact resume; logs the result.
+
+    ``progress``/``rng``: continue the epoch where a mid-epoch checkpoint stopped (the batches done are
+    skipped, the random state is this rank's at that point). ``stop`` (util.runtime.cli.StopSignals): polled
+    every iteration; a stop raises :class:`EpochInterrupted` on every rank after the same iteration."""
+    set_seed(epoch_seed(seed, epoch, ctx.rank))
+    data.train_sampler.set_epoch(epoch, start=progress["iteration"] * data.batch_size if progress else 0)
+    data.train_set.set_epoch(epoch)
+    if rng is not None:
+        restore_rng_state(rng, ctx.device)
+    epoch_start = time.time()
+    stats = train_iterations(
+        train_model, data.train_loader, optim.criterion, optim.optimizer, optim.scheduler, ctx.device, epoch,
+        max_epochs=cfg.epochs, num_classes=cfg.classes, ignore_index=cfg.ignore_label,
+        scaler=optim.scaler, amp_dtype=optim.amp_dtype, channels_last=cfg.channels_last, print_freq=cfg.print_freq,
+        logger=logger, writer=writer, progress=progress, stop_requested=stop.requested if stop else None)
+    logger.info(f"Train result at epoch [{epoch + 1}/{cfg.epochs}]: loss {stats['loss']:.4f} "
+                f"mIoU/mAcc/allAcc {stats['mIoU']:.4f}/{stats['mAcc']:.4f}/{stats['allAcc']:.4f} "
+                f"({format_seconds(time.time() - epoch_start)})")
+    if writer is not None:
+        for name in ("loss", "mIoU", "mAcc", "allAcc"):
+            writer.add_scalar(f"{name}_train", stats[name], epoch + 1)
+    return stats

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from util.data.dataset import DataError, load_image
-from util.engine.training import ProgressLine
+from util.runtime.log import ProgressLine
 from util.evaluation.visualize import colorize, overlay, save_gray, save_rgb
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")

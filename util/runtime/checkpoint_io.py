@@ -24,6 +24,8 @@ from typing import Any, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from util.errors import CheckpointError
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 # Prefixes added by wrappers: DistributedDataParallel / DataParallel, and torch.compile.
@@ -32,10 +34,6 @@ BACKBONE_PREFIXES = ("layer0.", "layer1.", "layer2.", "layer3.", "layer4.")
 # ImageNet classification layout -> segmentation layout (the stem becomes layer0).
 IMAGENET_RENAMES = (("conv1.", "layer0.0."), ("bn1.", "layer0.1."))
 MAX_LISTED_KEYS = 10
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message is one line naming the file and the problem."""
 
 
 # ---------------------------------------------------------------------------------------------

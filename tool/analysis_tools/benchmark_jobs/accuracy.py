@@ -18,7 +18,7 @@ def run_agreement(cfg, images: int, model: nn.Module, device: torch.device) -> D
     """Fraction of pixels where bf16 and fp32 predictions agree (test settings of the config), on
     ``images`` real images spread over cfg.val_list (else test_list)."""
     from util.data.dataset import load_image, read_list
-    from util.engine.training import evenly_spaced_subset
+    from util.data.dataset import evenly_spaced_subset
     from util.evaluation.inference import inference_kwargs, predict_multiscale
     from util.engine.precision import autocast_dtype_for
 
@@ -77,7 +77,7 @@ def run_loss_curve(cfg, steps: int, device: torch.device) -> Dict:
         options = step_options(cfg, precision, device)
         losses = []
         for index, item in enumerate(batches):
-            stats = training.train_one_epoch(train_model, [item], criterion, optimizer, scheduler, device, index,
+            stats = training.train_iterations(train_model, [item], criterion, optimizer, scheduler, device, index,
                                            **options)
             losses.append(stats["loss"])
         curves[run_name] = losses

@@ -36,7 +36,7 @@ def split_overrides(parser, argv) -> Tuple[object, list]:
 def start(args, overrides: Sequence[str]):
     """(cfg, device, allocator tuned?) as tool/train.py and tool/test.py start (measure what they run)."""
     from util.config import load_cfg
-    from util.runtime.log import select_device
+    from util.runtime.distributed import select_device
     from util.runtime.perf import keep_freed_memory_for_reuse
 
     cfg = load_cfg(args.config, list(overrides))

@@ -2,7 +2,7 @@
 cfg.batch_size, real files of cfg.train_list with the training augmentation) measured twice:
 
 * alone: samples/s of the loader;
-* through the real training step: ``util.engine.training.train_one_epoch`` (the config's loss, optimiser
+* through the real training step: ``util.engine.training.train_iterations`` (the config's loss, optimiser
   and schedule, cfg.precision) fed by the loader, against the same step fed the same number of
   batches already in memory. ``loading_slowdown`` = fed-by-loader seconds / in-memory seconds - 1
   is what data loading costs a real run (0: the loader keeps up; its workers share the CPU
@@ -73,7 +73,7 @@ def run_data(cfg, args, model: nn.Module, device: torch.device) -> Dict:
     options = step_options(cfg, precision, device)
 
     def epoch(source):
-        training.train_one_epoch(train_model, source, criterion, optimizer, scheduler, device, 0, **options)
+        training.train_iterations(train_model, source, criterion, optimizer, scheduler, device, 0, **options)
 
     section["warmup_steps"] = warm_up(lambda: epoch(in_memory[:1]), device, max_calls=TRAIN_WARMUP_MAX)
     timings = {}

@@ -1,4 +1,4 @@
-"""Training steps: ``util.engine.training.train_one_epoch`` (the loop tool/train.py runs, with the loss,
+"""Training steps: ``util.engine.training.train_iterations`` (the loop tool/train.py runs, with the loss,
 optimiser and schedule of the config's builders) on random crops: images/s and utilisation."""
 from __future__ import annotations
 
@@ -52,12 +52,12 @@ def run_train(cfg, args, model: nn.Module, device: torch.device, precisions: Seq
         options = step_options(cfg, precision, device)
 
         def warm_step():
-            training.train_one_epoch(train_model, warm, criterion, optimizer, scheduler, device, 0, **options)
+            training.train_iterations(train_model, warm, criterion, optimizer, scheduler, device, 0, **options)
 
         warmup_steps = warm_up(warm_step, device, max_calls=TRAIN_WARMUP_MAX)
         limit = limit_now(precision)
         start = time.perf_counter()
-        stats = training.train_one_epoch(train_model, timed, criterion, optimizer, scheduler, device, 1, **options)
+        stats = training.train_iterations(train_model, timed, criterion, optimizer, scheduler, device, 1, **options)
         synchronize(device)
         seconds = (time.perf_counter() - start) / len(timed)
         section[precision] = {"seconds_per_step": seconds, "warmup_steps": warmup_steps, "matmul_gflops_before": limit,
