@@ -21,9 +21,9 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from util.runtime.cli import run_cli  # noqa: E402
 from util.config import parse_cli  # noqa: E402
 from util.errors import ConfigError  # noqa: E402
+from util.runtime.cli import run_cli  # noqa: E402
 
 HEADER_HEIGHT = 22
 GAP = 4  # white pixels between tiles
@@ -80,9 +80,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from util.data.dataset import load_image, load_label, read_list
     from util.evaluation.inference import inference_kwargs, load_inference_model, predict_multiscale
-    from util.runtime.distributed import select_device
     from util.evaluation.visualize import colorize, config_palette
-
+    from util.runtime.distributed import select_device
     from util.runtime.runs import resolve_test_paths
 
     resolve_test_paths(cfg)  # an empty model_path: the run's last checkpoint, as tool/test.py

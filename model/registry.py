@@ -1,7 +1,7 @@
 """Name -> builder registries for backbones and segmentation architectures.
 
-(The same :class:`util.registry.Registry` holds the losses of util/engine/losses.py, the LR schedules of util/engine/optim.py
-and the training transforms of util/data/transforms.py.)
+(The same :class:`util.registry.Registry` holds the losses of util/engine/losses.py, the LR schedules of
+util/engine/optim.py and the training transforms of util/data/transforms.py.)
 
 A YAML selects a backbone with ``backbone_net`` and an architecture with ``arch``; both names are
 looked up here. Adding one is a new module inside ``model/`` (imported automatically by
@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import List
 
 from util.registry import Registry
-
 
 BACKBONES = Registry("backbone", "backbone_net")
 ARCHITECTURES = Registry("architecture", "arch")

@@ -7,12 +7,20 @@ import pytest
 import torch
 from torch import nn
 
-import tiny_runs
 from model import build_model
 from util.errors import CheckpointError
-from util.runtime.checkpoint_io import (add_module_prefix, extract_state_dict, load_checkpoint_file,
-                                        load_model_weights, load_pretrained_backbone, save_checkpoint,
-                                        strip_wrapper_prefixes, unwrap_model)
+from util.runtime.checkpoint_io import (
+    add_module_prefix,
+    extract_state_dict,
+    load_checkpoint_file,
+    load_model_weights,
+    load_pretrained_backbone,
+    save_checkpoint,
+    strip_wrapper_prefixes,
+    unwrap_model,
+)
+
+import tiny_runs
 
 
 def make_cfg(**overrides):

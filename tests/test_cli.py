@@ -1,11 +1,8 @@
 """util.runtime.cli: the one place the tools turn known errors into a line and an exit status."""
 import pytest
 
-from util.errors import CheckpointError
+from util.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from util.runtime.cli import EXIT_CONFIG, EXIT_ERROR, one_line_reason, run_cli
-from util.errors import ConfigError
-from util.errors import DataError
-from util.errors import NonFiniteLossError
 
 
 def _raising(exc):
@@ -39,7 +36,8 @@ def test_bugs_still_raise_with_their_traceback():
 
 
 def test_worker_traceback_is_cut_to_the_reason():
-    wrapped = DataError("Caught DataError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"
+    wrapped = DataError("Caught DataError in DataLoader worker process 1.\n"
+                        "Original Traceback (most recent call last):\n"
                         "  File \"x.py\", line 1\nutil.dataset.DataError: list.txt line 9: label b.png not found\n")
     assert one_line_reason(wrapped) == "list.txt line 9: label b.png not found"
 

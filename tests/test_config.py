@@ -2,13 +2,12 @@
 import glob
 
 import pytest
-
 import yaml
 
 from util.config import dump_cfg, load_cfg, parse_value, register_keys, require, schema, unregister_keys
-from util.errors import ConfigError
 from util.data.dataset import read_colors, read_names
 from util.engine.precision import check_device_support
+from util.errors import ConfigError
 
 PYCONV50 = "config/ade20k/ade20k_pyconvresnet50_pyconvsegnet.yaml"
 

@@ -13,9 +13,10 @@ import torch
 import yaml
 from torch import nn
 
-from tiny_runs import make_dataset
-from util.runtime.cli import run_cli
 from util.config import load_cfg
+from util.runtime.cli import run_cli
+
+from tiny_runs import make_dataset
 
 WINDOW = 33
 ARCHS = ("pyconvsegnet", "psp")
@@ -162,8 +163,10 @@ def test_corrupt_or_mismatched_file_is_a_one_line_error(setup, fmt, capsys, tmp_
     good = exported_file(setup, "pyconvsegnet", fmt)
     cases = [
         (["model_path", str(corrupt)], f"is not a readable {'ONNX' if fmt == 'onnx' else 'TorchScript'} file"),
-        (["model_path", str(good), "classes", "4", "names_path", ""], "predicts 3 classes but the config has classes 4"),
-        (["model_path", str(good), "test_h", "41", "test_w", "41"], f"takes {WINDOW}x{WINDOW} inputs but test_h x test_w is 41x41"),
+        (["model_path", str(good), "classes", "4", "names_path", ""],
+         "predicts 3 classes but the config has classes 4"),
+        (["model_path", str(good), "test_h", "41", "test_w", "41"],
+         f"takes {WINDOW}x{WINDOW} inputs but test_h x test_w is 41x41"),
     ]
     capsys.readouterr()
     for overrides, reason in cases:

@@ -12,16 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from util.runtime import distributed as dist_utils
 from util.config import load_cfg
-from conftest import REPO_ROOT
+from util.runtime import distributed as dist_utils
 
+from conftest import REPO_ROOT
 
 
 def _clean_env(**extra):
     """The environment for a child launcher: no inherited torchrun variables, one thread each."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")}
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+           and not k.startswith("SLURM_")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT), **extra)
     return env
 
@@ -268,7 +269,8 @@ def test_torchrun_two_process_camvid_run(tmp_path, camvid_root):
     path = tmp_path / "model" / "train_epoch_2.pth"
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # plain data only
     assert load_checkpoint_file(path)["epoch"] == 2
-    assert set(checkpoint) == {"epoch", "state_dict", "optimizer", "scheduler", "scaler", "best_mIoU", "val_protocol", "cfg"}
+    assert set(checkpoint) == {"epoch", "state_dict", "optimizer", "scheduler", "scaler", "best_mIoU", "val_protocol",
+                               "cfg"}
     assert checkpoint["scaler"] is None and isinstance(checkpoint["cfg"], dict)
     assert checkpoint["cfg"]["classes"] == 11
 

@@ -22,9 +22,10 @@ import pytest
 import torch
 import yaml
 
-from tiny_runs import load_script
 from util.runtime import cli as util_cli
+
 from conftest import REPO_ROOT
+from tiny_runs import load_script
 
 CLASSES = 3
 HEIGHT, WIDTH = 40, 44
@@ -147,8 +148,8 @@ def world(tmp_path_factory):
     }, sort_keys=False))
 
     from model import build_model
-    from util.runtime.checkpoint_io import add_module_prefix
     from util.config import load_cfg
+    from util.runtime.checkpoint_io import add_module_prefix
 
     torch.manual_seed(0)
     good = {"epoch": 1, "state_dict": add_module_prefix(build_model(load_cfg(str(config))).state_dict()),

@@ -23,10 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_runs import load_script, write_tiny_config
 from util.runtime.checkpoint_io import load_checkpoint_file, save_checkpoint
 from util.runtime.cli import run_cli
+
 from conftest import REPO_ROOT
+from tiny_runs import load_script, write_tiny_config
 
 TRAIN_PY = REPO_ROOT / "tool" / "train.py"
 TEMPORARY = re.compile(r"^\..+\.pth\.\d+\.[0-9a-f]{8}\.tmp$")  # util.runtime.checkpoint_io.save_checkpoint's temp files

@@ -13,14 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO_ROOT
-from tiny_runs import load_script, make_cfg, write_tiny_config
-from util.runtime.cli import EXIT_CONFIG, run_cli
 from util.config import unregister_keys
-from util.errors import ConfigError
+from util.data.transforms import PhotometricDistortion, build_train_transform
 from util.engine.losses import LOSSES, OhemCrossEntropy, SegmentationCrossEntropy, build_criterion
 from util.engine.optim import build_scheduler
-from util.data.transforms import PhotometricDistortion, build_train_transform
+from util.errors import ConfigError
+from util.runtime.cli import EXIT_CONFIG, run_cli
+
+from conftest import REPO_ROOT
+from tiny_runs import load_script, make_cfg, write_tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -253,8 +254,8 @@ def readme_examples(tmp_path):
              readme_example(tmp_path, "A learning-rate schedule", "readme_step.py"),
              readme_example(tmp_path, "An augmentation", "readme_cutout.py")]
     yield files
-    from util.engine.optim import SCHEDULES
     from util.data.transforms import TRAIN_TRANSFORMS
+    from util.engine.optim import SCHEDULES
 
     for registry, name in ((LOSSES, "focal"), (SCHEDULES, "step"), (TRAIN_TRANSFORMS, "cutout")):
         if name in registry:

@@ -11,15 +11,15 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
-from tiny_runs import write_tiny_config
 from util.engine.checkpoints import find_resume_checkpoint, prune_checkpoints
-from util.runtime.runs import checkpoint_path, list_training_checkpoints
 from util.runtime.cli import StopSignals
 from util.runtime.distributed import TrainSampler
+from util.runtime.runs import checkpoint_path, list_training_checkpoints
+
 from conftest import REPO_ROOT
+from tiny_runs import write_tiny_config
 
 TRAIN_PY = REPO_ROOT / "tool" / "train.py"
 
@@ -65,7 +65,8 @@ def test_train_sampler_continues_an_epoch_part_way():
 
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")}
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+           and not k.startswith("SLURM_")}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO_ROOT))
     return env
 

@@ -7,9 +7,19 @@ import pytest
 
 from util.config import load_cfg
 from util.data.dataset import read_list_entries
+from util.data.preparation import (
+    DATASET_SOURCES,
+    TEMP_MARKER,
+    LabelError,
+    convert_labels,
+    files_by_stem,
+    missing_list_hint,
+    read_label_png,
+    remap,
+    run_parallel,
+    write_list,
+)
 from util.errors import DataError
-from util.data.preparation import (DATASET_SOURCES, TEMP_MARKER, LabelError, convert_labels, files_by_stem,
-                                   missing_list_hint, read_label_png, remap, run_parallel, write_list)
 
 
 def test_remap_maps_and_names_unknown_values():

@@ -6,9 +6,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from tiny_runs import load_script
 from util.data.preparation import TEMP_MARKER
+
 from conftest import REPO_ROOT
+from tiny_runs import load_script
 
 TOOL = REPO_ROOT / "tool" / "dataset_converters" / "prepare_ade20k.py"
 

@@ -6,17 +6,15 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import yaml
+
+from util.config import load_cfg
+from util.engine import training
+from util.errors import CheckpointError, ConfigError
+from util.runtime.runs import rebase_repository_paths, resolve_test_paths, results_folder, run_directory
 
 from tiny_runs import REPO_ROOT, load_script, make_dataset, write_tiny_config
-from util.engine import training
-from util.errors import CheckpointError
-from util.config import load_cfg
-from util.errors import ConfigError
-from util.runtime.runs import rebase_repository_paths, resolve_test_paths, results_folder, run_directory
 
 TEST_KEYS = ["base_size", "64", "test_h", "65", "test_w", "65", "test_batch_size", "2", "device", "cpu"]
 

@@ -18,13 +18,13 @@ from torch import nn
 from model import build_model
 from model.registry import ARCHITECTURES, BACKBONES, register_arch, register_backbone
 from model.segmentation import SegmentationModel, auxiliary_classifier
-from tiny_runs import make_cfg
-from util.engine import training
 from util.config import load_cfg
+from util.engine import training
 from util.engine.losses import build_criterion
 from util.engine.optim import build_optimizer, build_scheduler
-from conftest import REPO_ROOT
 
+from conftest import REPO_ROOT
+from tiny_runs import make_cfg
 
 
 @pytest.fixture

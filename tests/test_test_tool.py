@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from util.config import load_cfg
+
 from conftest import REPO_ROOT
 
 CLASSES = 3

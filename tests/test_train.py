@@ -14,18 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tiny_runs import load_script, make_cfg, write_tiny_config
-from util.engine import training
-from util.engine import validation
 from util import errors
-from util.evaluation import whole_images
-from util.errors import ConfigError
-from util.engine.losses import (LOSSES, SegmentationCrossEntropy, build_criterion, match_target_size,
-                                register_loss)
+from util.engine import training, validation
+from util.engine.losses import LOSSES, SegmentationCrossEntropy, build_criterion, match_target_size, register_loss
 from util.engine.optim import PolyDecay, build_optimizer, build_param_groups, build_scheduler
+from util.errors import ConfigError
+from util.evaluation import whole_images
+
 from conftest import REPO_ROOT
-
-
+from tiny_runs import load_script, make_cfg, write_tiny_config
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
@@ -242,7 +239,8 @@ def test_bf16_autocast_on_cpu():
     stats = training.train_iterations(model, _toy_loader(), criterion, optimizer, scheduler, torch.device("cpu"), 0,
                                    num_classes=3, amp_dtype=torch.bfloat16)
     assert np.isfinite(stats["loss"]) and model.layer0.weight.dtype == torch.float32
-    result = validation.evaluate_crops(model, _toy_loader(), criterion, torch.device("cpu"), 3, amp_dtype=torch.bfloat16)
+    result = validation.evaluate_crops(model, _toy_loader(), criterion, torch.device("cpu"), 3,
+                                       amp_dtype=torch.bfloat16)
     assert 0.0 <= result["allAcc"] <= 1.0
 
 

@@ -35,10 +35,10 @@ def test_find_resume_checkpoint(tmp_path):
 
 
 def test_training_checkpoint_round_trip_and_check(tmp_path):
+    from util.config import load_cfg
+    from util.engine.checkpoints import check_training_checkpoint, make_checkpoint, save_training_checkpoint
     from util.errors import CheckpointError
     from util.runtime.checkpoint_io import load_checkpoint_file
-    from util.engine.checkpoints import check_training_checkpoint, make_checkpoint, save_training_checkpoint
-    from util.config import load_cfg
 
     model = nn.Sequential(nn.Conv2d(3, 2, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-import tiny_runs
 from util.data import transforms as T
+
+import tiny_runs
 
 
 def make_cfg(validate=True, **overrides):

@@ -7,18 +7,17 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT
-from tiny_runs import load_script, write_tiny_config
 from util.data import dataset
 from util.engine import training
 from util.evaluation import whole_images
 
+from conftest import REPO_ROOT
+from tiny_runs import load_script, write_tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +104,8 @@ def test_two_processes_validate_like_one(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     script = tmp_path / "validate.py"
     out = str(tmp_path / "cm")
-    script.write_text(VALIDATE_SCRIPT.format(tests=str(REPO_ROOT / "tests"), repo=str(REPO_ROOT), config=str(config), out=out,
-                                             checkpoint=str(tmp_path / "model" / "train_epoch_1.pth")))
+    script.write_text(VALIDATE_SCRIPT.format(tests=str(REPO_ROOT / "tests"), repo=str(REPO_ROOT), config=str(config),
+                                             out=out, checkpoint=str(tmp_path / "model" / "train_epoch_1.pth")))
     for launcher in ([sys.executable], [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                         "--nproc_per_node=2"]):
         result = subprocess.run([*launcher, str(script)], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True,

@@ -49,8 +49,14 @@ from util.engine.checkpoints import (  # noqa: E402
 )
 from util.engine.run_checks import check_on_every_rank, check_run_config  # noqa: E402
 from util.runtime import distributed  # noqa: E402
-from util.runtime.cli import EXIT_INTERRUPTED, STOP_SIGNALS, StopSignals, TrainingStopped, Uninterruptible  # noqa: E402
-from util.runtime.cli import exit_with  # noqa: E402
+from util.runtime.cli import (  # noqa: E402
+    EXIT_INTERRUPTED,
+    STOP_SIGNALS,
+    StopSignals,
+    TrainingStopped,
+    Uninterruptible,
+    exit_with,  # noqa: E402
+)
 from util.runtime.log import get_logger, log_config  # noqa: E402
 from util.runtime.runs import RunStatus, checkpoint_path, stop_error, timestamp, training_log_paths  # noqa: E402
 from util.runtime.seeding import choose_run_seed, set_seed  # noqa: E402

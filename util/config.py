@@ -43,7 +43,6 @@ import yaml
 
 from util.errors import ConfigError
 
-
 # Section -> key -> default. ``None`` means "empty in YAML": such a key accepts any type.
 SCHEMA: Dict[str, Dict[str, Any]] = {
     "DATA": {
@@ -480,7 +479,8 @@ def parse_cli(argv: Optional[List[str]], description: str, extra=None):
     import argparse
 
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True, help="YAML config, e.g. config/ade20k/ade20k_pyconvresnet50_pyconvsegnet.yaml")
+    parser.add_argument("--config", required=True,
+                        help="YAML config, e.g. config/ade20k/ade20k_pyconvresnet50_pyconvsegnet.yaml")
     if extra is not None:
         extra(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides of config keys")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import difflib
 from typing import Callable, Dict, List, Tuple, TypeVar
 
-
 T = TypeVar("T", bound=Callable)
 
 

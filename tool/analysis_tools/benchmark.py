@@ -51,9 +51,9 @@ import torch  # noqa: E402
 from tool.analysis_tools.benchmark_jobs import command  # noqa: E402
 from tool.analysis_tools.benchmark_jobs.measure import GIB, log, matmul_rate, peak_rss_gib  # noqa: E402
 from tool.analysis_tools.benchmark_jobs.report import benchmark_table  # noqa: E402
-from util.runtime.cli import run_cli  # noqa: E402
-from util.errors import ConfigError  # noqa: E402
 from util.engine.precision import PRECISIONS  # noqa: E402
+from util.errors import ConfigError  # noqa: E402
+from util.runtime.cli import run_cli  # noqa: E402
 
 SCRIPT = str(Path(__file__).resolve())
 
@@ -86,7 +86,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--skip-train", action="store_true", help="no training timing")
     parser.add_argument("--skip-data", action="store_true", help="no data-loading timing")
     parser.add_argument("--onnxruntime", action="store_true",
-                        help="also time the fp32 sliding-window test through onnxruntime (needs requirements-export.txt)")
+                        help="also time the fp32 sliding-window test through onnxruntime "
+                             "(needs requirements-export.txt)")
     parser.add_argument("--compare-naive", action="store_true",
                         help="also time the release's one-window-at-a-time float32 NCHW loop")
     parser.add_argument("--memory-check", action="store_true",

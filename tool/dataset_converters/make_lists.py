@@ -30,9 +30,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from util.data.dataset import IMAGE_EXTENSIONS, load_image, load_label, read_names  # noqa: E402
+from util.data.preparation import (  # noqa: E402
+    LabelError,
+    default_workers,
+    files_by_stem,
+    log,
+    pair_by_stem,
+    run_parallel,
+    write_list,
+)
 from util.errors import DataError  # noqa: E402
-from util.data.preparation import (LabelError, default_workers, files_by_stem, log, pair_by_stem,  # noqa: E402
-                                   run_parallel, write_list)
 
 
 def check_pair(job: tuple) -> np.ndarray:

@@ -24,12 +24,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from util.runtime.cli import exit_with  # noqa: E402
 from util.config import parse_cli  # noqa: E402
-from util.errors import ConfigError  # noqa: E402
 from util.data.dataset import load_label, output_names, read_list_entries  # noqa: E402
-from util.errors import DataError  # noqa: E402
-from util.data.preparation import (LabelError, default_workers, log, run_parallel, write_atomically)  # noqa: E402
+from util.data.preparation import LabelError, default_workers, log, run_parallel, write_atomically  # noqa: E402
+from util.errors import (
+    ConfigError,  # noqa: E402
+    DataError,  # noqa: E402
+)
+from util.runtime.cli import exit_with  # noqa: E402
 
 # Errors quoted in full before the rest are summarised.
 MAX_SHOWN = 20

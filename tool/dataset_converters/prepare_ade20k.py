@@ -28,8 +28,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from util.data.preparation import (IGNORE_LABEL, convert_labels, files_by_stem, missing_folders, pair_by_stem,  # noqa: E402
-                                   read_label_png, remap, run_preparation, write_list)
+from util.data.preparation import (  # noqa: E402
+    IGNORE_LABEL,
+    convert_labels,
+    files_by_stem,
+    missing_folders,
+    pair_by_stem,
+    read_label_png,
+    remap,
+    run_preparation,
+    write_list,
+)
 
 SPLITS = ("training", "validation")
 NUM_CLASSES = 150

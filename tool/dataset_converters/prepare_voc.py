@@ -31,8 +31,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from util.data.preparation import (IGNORE_LABEL, LabelError, convert_labels, log, read_label_png, remap,  # noqa: E402
-                                   run_preparation, write_list)
+from util.data.preparation import (  # noqa: E402
+    IGNORE_LABEL,
+    LabelError,
+    convert_labels,
+    log,
+    read_label_png,
+    remap,
+    run_preparation,
+    write_list,
+)
 
 NUM_CLASSES = 21  # background + 20 object classes
 OUTPUT_DIR = "SegmentationClassAug"

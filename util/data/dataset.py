@@ -32,8 +32,8 @@ import torch.utils.data
 from util.errors import DataError
 
 __all__ = [
-    "DataError", "ListEntry", "read_list", "read_list_entries", "check_listed_files", "output_names", "load_image", "load_label", "SegDataset",
-    "read_names", "read_colors", "IMAGE_EXTENSIONS",
+    "ListEntry", "read_list", "read_list_entries", "check_listed_files", "output_names", "load_image", "load_label",
+    "SegDataset", "read_names", "read_colors", "evenly_spaced_subset", "IMAGE_EXTENSIONS",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")

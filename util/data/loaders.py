@@ -33,7 +33,8 @@ def build_loaders(cfg, ctx, seed: int) -> TrainingData:
     """The run's loaders; ConfigError when ``batch_size`` cannot be split over the processes or the
     training list holds fewer images than one batch."""
     # The workers' only set-up is ignoring stop signals (below): augmentation is seeded per sample
-    # (SegDataset), and a cv2.setNumThreads() in a forked worker deadlocks once this process has used OpenCV's thread pool (e.g. an earlier run).
+    # (SegDataset), and a cv2.setNumThreads() in a forked worker deadlocks once this process has used
+    # OpenCV's thread pool (e.g. an earlier run).
     world = ctx.world_size
     batch_size = cfg.batch_size // world  # batch_size is the total over all processes of all nodes
     if batch_size < 1:

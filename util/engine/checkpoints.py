@@ -16,10 +16,21 @@ from util.engine.training import Optimization
 from util.engine.validation import validation_protocol
 from util.errors import CheckpointError
 from util.runtime import distributed
-from util.runtime.checkpoint_io import (PathLike, add_module_prefix, load_checkpoint_file, load_model_weights,
-                                        remove_stale_temporaries, save_checkpoint)
-from util.runtime.runs import (BEST_CHECKPOINT, MID_EPOCH_CHECKPOINT_PATTERN, checkpoint_path, list_epoch_checkpoints,
-                               list_training_checkpoints)
+from util.runtime.checkpoint_io import (
+    PathLike,
+    add_module_prefix,
+    load_checkpoint_file,
+    load_model_weights,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
+from util.runtime.runs import (
+    BEST_CHECKPOINT,
+    MID_EPOCH_CHECKPOINT_PATTERN,
+    checkpoint_path,
+    list_epoch_checkpoints,
+    list_training_checkpoints,
+)
 from util.runtime.seeding import rng_state
 
 

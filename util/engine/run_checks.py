@@ -31,7 +31,8 @@ def check_run_config(cfg) -> None:
     device_type = "cuda" if distributed.wants_cuda(cfg) else "cpu"
     check_device_support(cfg, device_type)  # fp16 on the CPU
     if not cfg.save_path:
-        raise ConfigError("save_path is not set: give the directory for checkpoints (e.g. save_path exp/camvid/run1/model)")
+        raise ConfigError("save_path is not set: give the directory for checkpoints "
+                          "(e.g. save_path exp/camvid/run1/model)")
     if not cfg.train_list:
         raise ConfigError("train_list is not set")
     if not os.path.isfile(cfg.train_list):

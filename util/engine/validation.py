@@ -33,7 +33,6 @@ from util.runtime.distributed import all_reduce_sum
 from util.runtime.log import ProgressLine, format_seconds
 from util.runtime.runs import BEST_CHECKPOINT
 
-
 VAL_MODES = ("whole", "crop")
 
 
@@ -41,7 +40,8 @@ def _check_validation_keys(cfg) -> None:
     check_choice(cfg, "val_mode", VAL_MODES)
     require(isinstance(cfg.val_scales, list) and len(cfg.val_scales) > 0 and all(s > 0 for s in cfg.val_scales),
             f"val_scales must be a non-empty list of positive numbers, got {cfg.val_scales}")
-    require(isinstance(cfg.val_every, int) and cfg.val_every >= 1, f"val_every must be an integer >= 1, got {cfg.val_every}")
+    require(isinstance(cfg.val_every, int) and cfg.val_every >= 1,
+            f"val_every must be an integer >= 1, got {cfg.val_every}")
     require(isinstance(cfg.val_max_images, int) and cfg.val_max_images >= 0,
             f"val_max_images must be an integer >= 0 (0 = every image of val_list), got {cfg.val_max_images}")
 
@@ -141,10 +141,10 @@ def validate_whole_images(cfg, ctx, model, entries, logger, title: str, writer=N
             previews[index] = prediction.to("cpu", torch.uint8).numpy()
 
     try:
-        stats = whole_images.evaluate_images(entries, whole_images.whole_image_predictor(eval_model, kwargs), cfg.classes,
-                                       ctx.device, ignore_index=cfg.ignore_label, rank=ctx.rank,
-                                       world_size=ctx.world_size, list_path=cfg.val_list,
-                                       on_prediction=keep_preview, logger=logger, title=title)
+        predict = whole_images.whole_image_predictor(eval_model, kwargs)
+        stats = whole_images.evaluate_images(entries, predict, cfg.classes, ctx.device, ignore_index=cfg.ignore_label,
+                                             rank=ctx.rank, world_size=ctx.world_size, list_path=cfg.val_list,
+                                             on_prediction=keep_preview, logger=logger, title=title)
     finally:
         del eval_model
         model.train(was_training)

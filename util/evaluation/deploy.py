@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from util.runtime.checkpoint_io import CheckpointError
+from util.errors import CheckpointError
 
 # The extension is the format: tool/test.py and tool/demo.py pick the runtime by it.
 FORMAT_SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript"}
@@ -125,7 +125,8 @@ def check_matches_config(metadata: Dict, cfg, path) -> None:
     for key, expected in (("mean", MEAN), ("std", STD)):
         if any(abs(float(a) - float(b)) > 1e-6 for a, b in zip(metadata[key], expected)) or \
                 len(metadata[key]) != len(expected):
-            raise ExportedModelError(f"{path} expects {key} {metadata[key]}, this code normalises with {list(expected)}")
+            raise ExportedModelError(f"{path} expects {key} {metadata[key]}, "
+                                     f"this code normalises with {list(expected)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,5 +348,5 @@ def compare_with_reference(exported: nn.Module, reference: nn.Module, input_size
 
 
 __all__ = ["FORMAT_SUFFIXES", "ONNX_OPSET", "RELATIVE_TOLERANCE", "ExportedModel", "ExportedModelError",
-           "check_matches_config", "compare_with_reference", "describe_check", "export_metadata", "export_model", "format_of",
-           "is_exported_model", "load_exported_model", "parse_metadata"]
+           "check_matches_config", "compare_with_reference", "describe_check", "export_metadata", "export_model",
+           "format_of", "is_exported_model", "load_exported_model", "parse_metadata"]

@@ -349,8 +349,8 @@ def load_inference_model(cfg, model_path, device: torch.device, fold_bn: bool = 
     An exported file (``.onnx``, ``.torchscript``: ``util.evaluation.deploy``) is loaded as a module that runs
     it, checked against the config's classes and window size; the sliding window calls it alike."""
     from model import build_model
-    from util.runtime.checkpoint_io import load_model_weights
     from util.evaluation.deploy import is_exported_model, load_exported_model
+    from util.runtime.checkpoint_io import load_model_weights
 
     if is_exported_model(model_path):
         return load_exported_model(model_path, device, cfg)

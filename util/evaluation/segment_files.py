@@ -17,9 +17,10 @@ import cv2
 import numpy as np
 import torch
 
-from util.data.dataset import DataError, load_image
-from util.runtime.log import ProgressLine
+from util.data.dataset import load_image
+from util.errors import DataError
 from util.evaluation.visualize import colorize, overlay, save_gray, save_rgb
+from util.runtime.log import ProgressLine
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")

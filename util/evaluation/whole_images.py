@@ -17,7 +17,6 @@ from util.evaluation.metrics import confusion_matrix, metrics_from_confusion
 from util.runtime.distributed import ShardSampler, all_reduce_sum
 from util.runtime.log import ProgressLine
 
-
 # A prediction function for evaluate_images: (index into entries, the entry, "list L line N") ->
 # the (H, W) class map of that image (torch tensor or numpy array).
 Predictor = Callable[[int, "ListEntry", str], object]

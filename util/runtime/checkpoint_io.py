@@ -380,7 +380,7 @@ def _fsync_directory(directory: str) -> None:
         os.close(descriptor)
 
 
-__all__ = ["CheckpointError", "load_checkpoint_file", "extract_state_dict", "strip_wrapper_prefixes",
-           "add_module_prefix", "unwrap_model", "describe_mismatch", "load_model_weights", "load_weights_for_fine_tuning",
+__all__ = ["load_checkpoint_file", "extract_state_dict", "strip_wrapper_prefixes", "add_module_prefix",
+           "unwrap_model", "describe_mismatch", "load_model_weights", "load_weights_for_fine_tuning",
            "imagenet_to_segmentation_keys", "load_pretrained_backbone", "save_checkpoint",
            "remove_stale_temporaries"]

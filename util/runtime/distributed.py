@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler, Sampler
 
-from util.config import ConfigError
+from util.errors import ConfigError
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 SLURM_ENV = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")

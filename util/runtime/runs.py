@@ -4,8 +4,8 @@ shell wrappers (which only call them) all follow these rules, so an override suc
 
 A run is the directory ``save_path`` that tool/train.py fills:
 
-* ``train_epoch_N.pth`` / ``best_mIoU.pth`` (named here, written by util/engine/checkpoints.py), and for every start of train.py a log
-  ``train-STAMP.log`` and the effective config ``train-STAMP.yaml`` (after overrides, as the run
+* ``train_epoch_N.pth`` / ``best_mIoU.pth`` (named here, written by util/engine/checkpoints.py), and for every
+  start of train.py a log ``train-STAMP.log`` and the effective config ``train-STAMP.yaml`` (after overrides, as the run
   used it);
 * results of tool/test.py go to ``RUN/result/NAME/SPLIT/ss`` (``ms`` for several scales), where RUN
   is :func:`run_directory` of the checkpoint's folder and NAME the checkpoint's name
@@ -171,7 +171,8 @@ def checkpoint_path_problem(key: str, path: str) -> Optional[str]:
         if found:
             return (f"{key} {path} is a directory, not a checkpoint file; it holds {', '.join(found)}: "
                     f"give one of them, e.g. {key} {os.path.join(path, found[-1])}")
-        return f"{key} {path} is a directory, not a checkpoint file (it holds no train_epoch_N.pth or {BEST_CHECKPOINT})"
+        return (f"{key} {path} is a directory, not a checkpoint file "
+                f"(it holds no train_epoch_N.pth or {BEST_CHECKPOINT})")
     if key == "resume":
         return (f"resume checkpoint not found: {path} (use 'resume auto' to continue from the newest "
                 f"train_epoch_N.pth in save_path if there is one)")

@@ -10,17 +10,16 @@ import torch
 from torch import nn
 
 from .measure import log
-from .workload import prepare_eval_model, training_dataset, training_parts
 from .training import step_options
+from .workload import prepare_eval_model, training_dataset, training_parts
 
 
 def run_agreement(cfg, images: int, model: nn.Module, device: torch.device) -> Dict:
     """Fraction of pixels where bf16 and fp32 predictions agree (test settings of the config), on
     ``images`` real images spread over cfg.val_list (else test_list)."""
-    from util.data.dataset import load_image, read_list
-    from util.data.dataset import evenly_spaced_subset
-    from util.evaluation.inference import inference_kwargs, predict_multiscale
+    from util.data.dataset import evenly_spaced_subset, load_image, read_list
     from util.engine.precision import autocast_dtype_for
+    from util.evaluation.inference import inference_kwargs, predict_multiscale
 
     list_path = cfg.val_list or cfg.test_list
     if not list_path or not os.path.isfile(list_path):

@@ -21,7 +21,8 @@ def add_common_options(parser) -> None:
     parser.add_argument("--markdown", default=None, metavar="FILE",
                         help="also write a Markdown table of the main numbers to FILE (for the README)")
     parser.add_argument("--default-malloc", action="store_true",
-                        help="leave glibc malloc as it is (the tools apply util.runtime.perf.keep_freed_memory_for_reuse)")
+                        help="leave glibc malloc as it is "
+                             "(the tools apply util.runtime.perf.keep_freed_memory_for_reuse)")
 
 
 def split_overrides(parser, argv) -> Tuple[object, list]:

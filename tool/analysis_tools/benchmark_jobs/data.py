@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from .measure import log, synchronize, warm_up
-from .workload import training_dataset, training_parts
 from .training import TRAIN_WARMUP_MAX, step_options
+from .workload import training_dataset, training_parts
 
 
 class _Batches:

@@ -29,8 +29,8 @@ def eval_crop_count(image_size: Tuple[int, int], crop: Tuple[int, int], scales: 
 
 def predict_kwargs(cfg, args, precision: Optional[str]) -> Dict:
     """Keyword arguments of ``predict_multiscale`` for the timed test in ``precision``."""
-    from util.engine.precision import autocast_dtype_for
     from util.data.transforms import MEAN, STD
+    from util.engine.precision import autocast_dtype_for
 
     crop, scales, base_size = eval_settings(cfg, args)
     return dict(num_classes=int(cfg.classes), crop_size=crop, scales=scales, base_size=base_size,
@@ -68,7 +68,8 @@ def run_eval(cfg, args, model: nn.Module, device: torch.device, precisions: Sequ
                "flip": True, "window_batch": kwargs["batch_size"], "channels_last": bool(cfg.get("channels_last")),
                "compile": bool(cfg.get("compile")), "crops_per_image": crops, "gflop_per_crop": crop_gflop,
                "gflop_per_image": gflop}
-    log("eval: preparing the model as tool/test.py does" + (" (torch.compile with freezing)" if cfg.get("compile") else ""))
+    compiled = " (torch.compile with freezing)" if cfg.get("compile") else ""
+    log("eval: preparing the model as tool/test.py does" + compiled)
     eval_model = prepare_eval_model(model, cfg, device)
     image = synthetic_image(*image_size)
     predictions = {}

@@ -51,7 +51,7 @@ def run_train(cfg, args, model: nn.Module, device: torch.device, precisions: Seq
         _, train_model, criterion, optimizer, scheduler = training_parts(cfg, model, device, len(timed))
         options = step_options(cfg, precision, device)
 
-        def warm_step():
+        def warm_step(train_model=train_model, optimizer=optimizer, scheduler=scheduler):
             training.train_iterations(train_model, warm, criterion, optimizer, scheduler, device, 0, **options)
 
         warmup_steps = warm_up(warm_step, device, max_calls=TRAIN_WARMUP_MAX)
