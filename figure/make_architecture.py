@@ -343,8 +343,8 @@ def draw_inset(svg: Svg, x: float, y: float, w: float, h: float) -> None:
         tx = lvl_x + 9 * cell + 14
         svg.text(tx, cy - 3, f"level {i + 1}: {k}×{k} conv, {g} group{'s' if g > 1 else ''}", size=12,
                  anchor="start", bold=True, colour=colour, limit=(tx, tx + 240))
-        svg.text(tx, cy + 12, "→ C_out/4 channels; filter sees " + ("C_in" if g == 1 else f"C_in/{g}"), size=10.5, anchor="start",
-                 colour="#444444", limit=(tx, tx + 240))
+        svg.text(tx, cy + 12, "→ C_out/4 channels; filter sees " + ("C_in" if g == 1 else f"C_in/{g}"), size=10.5,
+                 anchor="start", colour="#444444", limit=(tx, tx + 240))
         # groups as a bar split into g slices
         bx, bw, bh = tx + 262, 96, 14
         svg.rect(bx, cy - bh / 2, bw, bh, "#ffffff", colour, rx=0, stroke_width=1.0)

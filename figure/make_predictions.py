@@ -21,8 +21,9 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from util.cli import run_cli  # noqa: E402
-from util.config import ConfigError, parse_cli  # noqa: E402
+from util.config import parse_cli  # noqa: E402
+from util.errors import ConfigError  # noqa: E402
+from util.runtime.cli import run_cli  # noqa: E402
 
 HEADER_HEIGHT = 22
 GAP = 4  # white pixels between tiles
@@ -77,12 +78,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     args, cfg = parse_cli(argv, __doc__.split("\n\n")[0], add_flags)
 
-    from util.dataset import load_image, load_label, read_list
-    from util.inference import inference_kwargs, load_inference_model, predict_multiscale
-    from util.misc import select_device
-    from util.visualize import colorize, config_palette
-
-    from util.runs import resolve_test_paths
+    from util.data.dataset import load_image, load_label, read_list
+    from util.evaluation.inference import inference_kwargs, load_inference_model, predict_multiscale
+    from util.evaluation.visualize import colorize, config_palette
+    from util.runtime.distributed import select_device
+    from util.runtime.runs import resolve_test_paths
 
     resolve_test_paths(cfg)  # an empty model_path: the run's last checkpoint, as tool/test.py
     model_path = args.model or cfg.model_path
@@ -91,7 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise ConfigError("need --model (or model_path in the config) and --list (or test_list)")
     entries = read_list(list_path, cfg.data_root, "val")
     if args.spread:
-        from util.engine import evenly_spaced_subset
+        from util.data.dataset import evenly_spaced_subset
 
         entries = [entries[i] for i in evenly_spaced_subset(len(entries), args.num)]
     else:

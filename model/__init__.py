@@ -14,9 +14,8 @@ from typing import Any
 from torch import nn
 
 from . import backbones, segmentation  # noqa: F401  (built-in registrations)
-from .registry import (ARCHITECTURES, BACKBONES, register_arch, register_backbone, registered_archs,
-                       registered_backbones)
 from .backbones import OUTPUT_STRIDES
+from .registry import ARCHITECTURES, BACKBONES, register_arch, register_backbone, registered_archs, registered_backbones
 from .segmentation import ZOOM_FACTORS, SegmentationModel, output_size
 
 
@@ -48,8 +47,8 @@ def build_model(cfg: Any) -> nn.Module:
 
     Reads ``arch``, ``backbone_net``, ``layers``, ``classes``, ``zoom_factor`` (default 8) and
     ``backbone_output_stride`` (default 8). Weights are the caller's business: training loads the
-    ImageNet backbone of ``cfg.pretrained`` with ``util.checkpoint.load_pretrained_backbone``,
-    testing a checkpoint with ``util.checkpoint.load_model_weights``.
+    ImageNet backbone of ``cfg.pretrained`` with ``util.runtime.checkpoint_io.load_pretrained_backbone``,
+    testing a checkpoint with ``util.runtime.checkpoint_io.load_model_weights``.
 
     Raises:
         ValueError: unknown arch/backbone (the message lists the registered names) or bad values.
@@ -61,5 +60,5 @@ def build_model(cfg: Any) -> nn.Module:
     return arch(backbone=backbone, classes=_cfg_value(cfg, "classes"), zoom_factor=_cfg_value(cfg, "zoom_factor", 8))
 
 
-__all__ = ["ARCHITECTURES", "BACKBONES", "OUTPUT_STRIDES", "ZOOM_FACTORS", "build_model", "register_arch", "register_backbone", "registered_archs", "registered_backbones",
-           "SegmentationModel", "output_size"]
+__all__ = ["ARCHITECTURES", "BACKBONES", "OUTPUT_STRIDES", "ZOOM_FACTORS", "build_model", "register_arch",
+           "register_backbone", "registered_archs", "registered_backbones", "SegmentationModel", "output_size"]

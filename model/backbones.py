@@ -2,7 +2,7 @@
 
 Every backbone exposes ``layer0`` (the stem) and ``layer1 .. layer4`` (the four stages); parameter
 names match the release (and, through the ``conv1/bn1 -> layer0.0/layer0.1`` renaming done by
-``util.checkpoint.load_pretrained_backbone``, the ImageNet classification checkpoints).
+``util.runtime.checkpoint_io.load_pretrained_backbone``, the ImageNet classification checkpoints).
 
 Output stride. ``output_stride`` 32 is the classification network. Smaller output strides replace
 the stride of the last stages by dilation, exactly as the release did (which is *not* torchvision's

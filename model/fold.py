@@ -1,4 +1,4 @@
-"""BatchNorm folding: a model transformation for inference (used by util.inference and the exporter).
+"""BatchNorm folding: a model transformation for inference (used by util.evaluation.inference and the exporter).
 
 With running statistics a ``BatchNorm2d`` is a per-channel affine map, so a convolution followed by
 one can be replaced by a single convolution with rescaled weights and a bias.

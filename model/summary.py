@@ -1,7 +1,7 @@
 """Parameter counts and FLOPs of a config's model, built on the ``meta`` device (shapes only).
 
-Shared by ``tool/analysis_tools/summary.py`` (the printed summary) and ``tool/analysis_tools/benchmark.py`` (the GFLOP that
-utilisation is computed from). FLOP = 2 x multiply-accumulates, counted by
+Shared by ``tool/analysis_tools/summary.py`` (the printed summary) and ``tool/analysis_tools/benchmark.py``
+(the GFLOP that utilisation is computed from). FLOP = 2 x multiply-accumulates, counted by
 ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matrix products; not BN, ReLU,
 pooling or interpolation).
 """

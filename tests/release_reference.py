@@ -1,5 +1,5 @@
 """The release's test-time loop, one window (and its flip) per forward, float64 numpy accumulation,
-cv2 resizing: the reference that tests/test_inference.py checks util/inference.py against and that
+cv2 resizing: the reference that tests/test_inference.py checks util/evaluation/inference.py against and that
 tool/analysis_tools/benchmark.py --compare-naive times for the speed-up. Written after the release's
 tool/test.py (net_process, scale_process and the scale loop of its test function).
 """

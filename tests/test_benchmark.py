@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
-from tiny_runs import load_script
-from util.cli import run_cli
 from util.config import load_cfg
+from util.runtime.cli import run_cli
+
+from tiny_runs import load_script
 
 CONFIG = "config/camvid/camvid_pyconvresnet50_pyconvsegnet.yaml"
 

@@ -7,11 +7,20 @@ import pytest
 import torch
 from torch import nn
 
-import tiny_runs
 from model import build_model
-from util.checkpoint import (CheckpointError, add_module_prefix, extract_state_dict, load_checkpoint_file,
-                             load_model_weights, load_pretrained_backbone, save_checkpoint, strip_wrapper_prefixes,
-                             unwrap_model)
+from util.errors import CheckpointError
+from util.runtime.checkpoint_io import (
+    add_module_prefix,
+    extract_state_dict,
+    load_checkpoint_file,
+    load_model_weights,
+    load_pretrained_backbone,
+    save_checkpoint,
+    strip_wrapper_prefixes,
+    unwrap_model,
+)
+
+import tiny_runs
 
 
 def make_cfg(**overrides):
@@ -289,7 +298,7 @@ def test_pretrained_backbone_mismatch_lists_keys(tmp_path):
 
 
 def test_fine_tuning_loads_everything_but_the_classifiers_of_another_class_count():
-    from util.checkpoint import load_weights_for_fine_tuning
+    from util.runtime.checkpoint_io import load_weights_for_fine_tuning
 
     source = randomized(build_model(make_cfg(classes=5, backbone_output_stride=32)), seed=1)
     file_state = {"state_dict": add_module_prefix(source.state_dict())}
@@ -309,7 +318,7 @@ def test_fine_tuning_loads_everything_but_the_classifiers_of_another_class_count
 
 @pytest.mark.parametrize("other", [dict(arch="psp"), dict(layers=101), dict(backbone_net="pyconvresnet")])
 def test_fine_tuning_still_refuses_another_network(other):
-    from util.checkpoint import load_weights_for_fine_tuning
+    from util.runtime.checkpoint_io import load_weights_for_fine_tuning
 
     model = meta_model(classes=3)
     state = meta_model(classes=150, **other).state_dict()

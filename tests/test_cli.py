@@ -1,11 +1,8 @@
-"""util.cli: the one place the tools turn known errors into a line and an exit status."""
+"""util.runtime.cli: the one place the tools turn known errors into a line and an exit status."""
 import pytest
 
-from util.checkpoint import CheckpointError
-from util.cli import EXIT_CONFIG, EXIT_ERROR, one_line_reason, run_cli
-from util.config import ConfigError
-from util.dataset import DataError
-from util.engine import NonFiniteLossError
+from util.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
+from util.runtime.cli import EXIT_CONFIG, EXIT_ERROR, one_line_reason, run_cli
 
 
 def _raising(exc):
@@ -39,7 +36,8 @@ def test_bugs_still_raise_with_their_traceback():
 
 
 def test_worker_traceback_is_cut_to_the_reason():
-    wrapped = DataError("Caught DataError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"
+    wrapped = DataError("Caught DataError in DataLoader worker process 1.\n"
+                        "Original Traceback (most recent call last):\n"
                         "  File \"x.py\", line 1\nutil.dataset.DataError: list.txt line 9: label b.png not found\n")
     assert one_line_reason(wrapped) == "list.txt line 9: label b.png not found"
 
@@ -49,7 +47,7 @@ def test_a_ctrl_c_inside_deferred_interrupt_is_raised_when_the_block_ends():
     import os
     import signal
 
-    from util.cli import deferred_interrupt
+    from util.runtime.cli import deferred_interrupt
 
     finished = []
     with pytest.raises(KeyboardInterrupt):
@@ -67,7 +65,7 @@ def test_deferred_interrupt_hands_the_signal_to_the_handler_it_restores():
     import os
     import signal
 
-    from util.cli import deferred_interrupt
+    from util.runtime.cli import deferred_interrupt
 
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -88,7 +86,7 @@ def test_uninterruptible_writer_calls_finish_before_the_interrupt(tmp_path):
 
     from tensorboardX import SummaryWriter
 
-    from util.cli import Uninterruptible
+    from util.runtime.cli import Uninterruptible
 
     writer = Uninterruptible(SummaryWriter(str(tmp_path)))
     original_put = writer.file_writer.event_writer._event_queue.put

@@ -2,13 +2,12 @@
 import glob
 
 import pytest
-
 import yaml
 
-from util.config import (ConfigError, dump_cfg, load_cfg, parse_value, register_keys, require, schema,
-                         unregister_keys)
-from util.dataset import read_colors, read_names
-from util.precision import check_device_support
+from util.config import dump_cfg, load_cfg, parse_value, register_keys, require, schema, unregister_keys
+from util.data.dataset import read_colors, read_names
+from util.engine.precision import check_device_support
+from util.errors import ConfigError
 
 PYCONV50 = "config/ade20k/ade20k_pyconvresnet50_pyconvsegnet.yaml"
 
@@ -200,7 +199,7 @@ def test_invalid_values_say_what_is_allowed(overrides, message):
 
 def test_base_size_zero_or_empty_means_own_size():
     """The release's configs say ``base_size: 0`` for "test each image at its own size"; they load."""
-    from util.inference import inference_kwargs, scaled_size
+    from util.evaluation.inference import inference_kwargs, scaled_size
 
     for value in ("0", "null"):
         base_size = inference_kwargs(load_cfg(PYCONV50, ["base_size", value]))["base_size"]
@@ -261,7 +260,7 @@ def test_module_keys_join_the_schema(tmp_path):
             load_cfg(PYCONV50, ["test_gamma", "-1"])
         dump_cfg(load_cfg(PYCONV50, ["test_gamma", "0.5"]), str(tmp_path / "out.yaml"))
         assert yaml.safe_load((tmp_path / "out.yaml").read_text())["TRAIN"]["test_gamma"] == 0.5
-        with pytest.raises(ValueError, match="'base_lr' is already declared by util.optim"):
+        with pytest.raises(ValueError, match="'base_lr' is already declared by util.engine.optim"):
             register_keys("TRAIN", {"base_lr": 0.1})
         with pytest.raises(ValueError, match="did you mean 'TRAIN'"):
             register_keys("TRIAN", {"test_delta": 1})

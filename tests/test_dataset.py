@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from tiny_runs import make_cfg
-from util.dataset import DataError, SegDataset, load_image, load_label, read_colors, read_list, read_names
-from util.transforms import build_train_transform, build_val_transform
-from conftest import REPO_ROOT
+from util.data.dataset import SegDataset, load_image, load_label, read_colors, read_list, read_names
+from util.data.transforms import build_train_transform, build_val_transform
+from util.errors import DataError
 
+from conftest import REPO_ROOT
+from tiny_runs import make_cfg
 
 
 def write_png(path: Path, array: np.ndarray) -> Path:

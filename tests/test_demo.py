@@ -14,11 +14,12 @@ import cv2
 import numpy as np
 import pytest
 
-from tiny_runs import load_script
 from util.config import load_cfg
-from util.dataset import read_colors, read_list, read_names
+from util.data.dataset import read_colors, read_list, read_names
+from util.runtime.runs import resolve_test_paths
+
 from conftest import REPO_ROOT
-from util.runs import resolve_test_paths
+from tiny_runs import load_script
 
 DEMO_CONFIG = REPO_ROOT / "config" / "demo" / "demo_pyconvresnet50_pyconvsegnet.yaml"
 
@@ -37,8 +38,8 @@ def file_digests(root: Path) -> dict:
 def demo_root(tmp_path_factory) -> Path:
     """A tiny generated demo dataset (6 training, 2 validation images of 48x64), prepared."""
     out = tmp_path_factory.mktemp("demo")
-    assert load_tool("dataset_converters/make_demo_data").main([str(out), "--train", "6", "--val", "2", "--size", "48", "64",
-                                             "--seed", "3"]) == 0
+    assert load_tool("dataset_converters/make_demo_data").main(
+        [str(out), "--train", "6", "--val", "2", "--size", "48", "64", "--seed", "3"]) == 0
     root = out / "ADEChallengeData2016"
     assert load_tool("dataset_converters/prepare_ade20k").main([str(root), "--workers", "1"]) == 0
     return root

@@ -1,4 +1,4 @@
-"""Exported models (util/deploy.py, tool/deployment/export.py): ONNX and TorchScript files of
+"""Exported models (util/evaluation/deploy.py, tool/deployment/export.py): ONNX and TorchScript files of
 PyConvSegNet and PSPNet match PyTorch, refuse other sizes, and tool/test.py scores them like the checkpoint.
 
 ResNet-50 at output stride 32, 3 classes and 33x33 windows: the smallest model that still runs
@@ -13,9 +13,10 @@ import torch
 import yaml
 from torch import nn
 
-from tiny_runs import make_dataset
-from util.cli import run_cli
 from util.config import load_cfg
+from util.runtime.cli import run_cli
+
+from tiny_runs import make_dataset
 
 WINDOW = 33
 ARCHS = ("pyconvsegnet", "psp")
@@ -80,7 +81,7 @@ def exported_file(setup, arch, fmt):
 
 def _reference(setup, arch):
     from model import build_model
-    from util.checkpoint import load_model_weights
+    from util.runtime.checkpoint_io import load_model_weights
 
     cfg = load_cfg(str(setup["configs"][arch]))
     model = build_model(cfg)
@@ -91,7 +92,7 @@ def _reference(setup, arch):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_exported_model_matches_pytorch(setup, arch, fmt, one_thread, capsys):
-    from util.deploy import compare_with_reference, load_exported_model
+    from util.evaluation.deploy import compare_with_reference, load_exported_model
 
     _needs(fmt)
     path = exported_file(setup, arch, fmt)
@@ -115,7 +116,7 @@ def test_exported_model_matches_pytorch(setup, arch, fmt, one_thread, capsys):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_fixed_size_file_refuses_another_size(setup, fmt, one_thread):
-    from util.deploy import ExportedModelError, load_exported_model
+    from util.evaluation.deploy import ExportedModelError, load_exported_model
 
     _needs(fmt)
     exported = load_exported_model(exported_file(setup, "pyconvsegnet", fmt))
@@ -162,8 +163,10 @@ def test_corrupt_or_mismatched_file_is_a_one_line_error(setup, fmt, capsys, tmp_
     good = exported_file(setup, "pyconvsegnet", fmt)
     cases = [
         (["model_path", str(corrupt)], f"is not a readable {'ONNX' if fmt == 'onnx' else 'TorchScript'} file"),
-        (["model_path", str(good), "classes", "4", "names_path", ""], "predicts 3 classes but the config has classes 4"),
-        (["model_path", str(good), "test_h", "41", "test_w", "41"], f"takes {WINDOW}x{WINDOW} inputs but test_h x test_w is 41x41"),
+        (["model_path", str(good), "classes", "4", "names_path", ""],
+         "predicts 3 classes but the config has classes 4"),
+        (["model_path", str(good), "test_h", "41", "test_w", "41"],
+         f"takes {WINDOW}x{WINDOW} inputs but test_h x test_w is 41x41"),
     ]
     capsys.readouterr()
     for overrides, reason in cases:

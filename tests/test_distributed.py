@@ -1,4 +1,4 @@
-"""util/distributed.py and a real 2-process CPU training run under torchrun."""
+"""util/runtime/distributed.py and a real 2-process CPU training run under torchrun."""
 from __future__ import annotations
 
 import json
@@ -12,16 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from util import distributed as dist_utils
 from util.config import load_cfg
-from conftest import REPO_ROOT
+from util.runtime import distributed as dist_utils
 
+from conftest import REPO_ROOT
 
 
 def _clean_env(**extra):
     """The environment for a child launcher: no inherited torchrun variables, one thread each."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")}
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+           and not k.startswith("SLURM_")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT), **extra)
     return env
 
@@ -151,7 +152,7 @@ def test_slurm_single_task_is_one_process(monkeypatch):
 
 
 def test_multi_node_spawn_without_rendezvous_is_refused(monkeypatch):
-    from util.config import ConfigError
+    from util.errors import ConfigError
 
     _no_launcher(monkeypatch)
     with pytest.raises(ConfigError, match="MASTER_ADDR and MASTER_PORT.*tcp://HOST:PORT"):
@@ -177,22 +178,22 @@ COLLECTIVE_SCRIPT = textwrap.dedent("""
     import json, os, sys, time
     import torch
     from util.config import load_cfg
-    from util import distributed as D
+    from util.runtime import distributed
 
     cfg = load_cfg(None, ["device", "cpu", "dist_timeout", "2"])
-    ctx = D.init_distributed(cfg)
+    ctx = distributed.init_distributed(cfg)
     t = torch.tensor([float(ctx.rank + 1)])
-    D.all_reduce_sum(t)
-    seed = D.broadcast_object(100 + ctx.rank)
+    distributed.all_reduce_sum(t)
+    seed = distributed.broadcast_object(100 + ctx.rank)
     result = dict(rank=ctx.rank, world=ctx.world_size, local=ctx.local_rank, device=str(ctx.device),
                   is_main=ctx.is_main, distributed=ctx.distributed, backend=torch.distributed.get_backend(),
-                  sum=t.item(), seed=seed, get_rank=D.get_rank(), get_world=D.get_world_size())
+                  sum=t.item(), seed=seed, get_rank=distributed.get_rank(), get_world=distributed.get_world_size())
     if ctx.rank == 1:
         time.sleep(8)  # alive but never joins the next collective
     else:
         start = time.time()
         try:
-            D.all_reduce_sum(torch.ones(1))
+            distributed.all_reduce_sum(torch.ones(1))
             result["timeout"] = None
         except Exception as exc:
             result["timeout"] = time.time() - start
@@ -224,7 +225,7 @@ def test_two_process_collectives_and_timeout(tmp_path):
 
 def test_torchrun_two_process_camvid_run(tmp_path, camvid_root):
     from model import build_model
-    from util.checkpoint import load_checkpoint_file
+    from util.runtime.checkpoint_io import load_checkpoint_file
 
     lines = (camvid_root / "train.txt").read_text().splitlines()[:8]
     list_file = tmp_path / "camvid8.txt"
@@ -268,7 +269,8 @@ def test_torchrun_two_process_camvid_run(tmp_path, camvid_root):
     path = tmp_path / "model" / "train_epoch_2.pth"
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # plain data only
     assert load_checkpoint_file(path)["epoch"] == 2
-    assert set(checkpoint) == {"epoch", "state_dict", "optimizer", "scheduler", "scaler", "best_mIoU", "val_protocol", "cfg"}
+    assert set(checkpoint) == {"epoch", "state_dict", "optimizer", "scheduler", "scaler", "best_mIoU", "val_protocol",
+                               "cfg"}
     assert checkpoint["scaler"] is None and isinstance(checkpoint["cfg"], dict)
     assert checkpoint["cfg"]["classes"] == 11
 
@@ -290,11 +292,12 @@ SPAWN_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])  # tool/: the spawned children import `train` by this name
     import train
     from util.config import load_cfg
+    from util.engine.run_checks import check_run_config
 
     if __name__ == "__main__":  # the spawned children re-import this file as __mp_main__
         config, opts = sys.argv[2], sys.argv[3:]
         cfg = load_cfg(config, opts)
-        train.check_run_config(cfg)
+        check_run_config(cfg)
         train.launch_spawned(cfg, config, opts)
         print("SPAWN DONE", flush=True)
 """)
@@ -434,7 +437,7 @@ def test_a_problem_on_one_rank_stops_all_at_start(tmp_path, fault):
 BROADCAST_BUFFERS_SCRIPT = """
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, {repo!r})
-from util.distributed import broadcast_buffers
+from util.runtime.distributed import broadcast_buffers
 dist.init_process_group("gloo")
 bn = torch.nn.BatchNorm2d(3)
 bn.running_mean.fill_(float(dist.get_rank() + 1))  # each process's own statistics, as after a DDP step

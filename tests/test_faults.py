@@ -1,6 +1,6 @@
 """Fault suite, part 2: untrusted checkpoints and bad data, through tool/train.py and tool/test.py alike.
 
-Each fault goes through the tools' command-line entry point (``util.cli.run_cli(tool.main)``, what their
+Each fault goes through the tools' command-line entry point (``util.runtime.cli.run_cli(tool.main)``, what their
 ``__main__`` runs, in-process for speed, plus a few real subprocesses): the run either works, or stops with
 status 1 and ONE line naming the file (and, for data, the list file and line) -- never a traceback.
 The model is a ResNet-50 at output stride 32 on 33x33 crops of 40x44 synthetic images (CPU, one thread).
@@ -22,9 +22,10 @@ import pytest
 import torch
 import yaml
 
-from tiny_runs import load_script
-from util import cli as util_cli
+from util.runtime import cli as util_cli
+
 from conftest import REPO_ROOT
+from tiny_runs import load_script
 
 CLASSES = 3
 HEIGHT, WIDTH = 40, 44
@@ -147,8 +148,8 @@ def world(tmp_path_factory):
     }, sort_keys=False))
 
     from model import build_model
-    from util.checkpoint import add_module_prefix
     from util.config import load_cfg
+    from util.runtime.checkpoint_io import add_module_prefix
 
     torch.manual_seed(0)
     good = {"epoch": 1, "state_dict": add_module_prefix(build_model(load_cfg(str(config))).state_dict()),

@@ -23,13 +23,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_runs import load_script, write_tiny_config
-from util.checkpoint import load_checkpoint_file, save_checkpoint
-from util.cli import run_cli
+from util.runtime.checkpoint_io import load_checkpoint_file, save_checkpoint
+from util.runtime.cli import run_cli
+
 from conftest import REPO_ROOT
+from tiny_runs import load_script, write_tiny_config
 
 TRAIN_PY = REPO_ROOT / "tool" / "train.py"
-TEMPORARY = re.compile(r"^\..+\.pth\.\d+\.[0-9a-f]{8}\.tmp$")  # util.checkpoint.save_checkpoint's temp files
+TEMPORARY = re.compile(r"^\..+\.pth\.\d+\.[0-9a-f]{8}\.tmp$")  # util.runtime.checkpoint_io.save_checkpoint's temp files
 MODEL_BUILT = "pyconvsegnet on resnet50"  # logged by tool/train.py right after build_model
 
 
@@ -346,7 +347,7 @@ class DiskFull:
 
 def fill_disk_on_checkpoint_write(monkeypatch, from_call: int, capacity: int = 1 << 20):
     """Checkpoint writes number ``from_call`` and later hit a full disk after ``capacity`` bytes
-    (util.checkpoint.save_checkpoint opens its temporary file with os.fdopen(fd, "wb"))."""
+    (util.runtime.checkpoint_io.save_checkpoint opens its temporary file with os.fdopen(fd, "wb"))."""
     real_fdopen = os.fdopen
     calls = []
 
@@ -423,13 +424,13 @@ def test_real_write_failure_through_the_cli(tmp_path):
 
 def _forbid_heavy_work(monkeypatch):
     import model
-    import util.dataset
+    import util.data.dataset
 
     def fail(*args, **kwargs):
         raise AssertionError("a model or dataset was built before the config was checked")
 
     monkeypatch.setattr(model, "build_model", fail)
-    monkeypatch.setattr(util.dataset, "SegDataset", fail)
+    monkeypatch.setattr(util.data.dataset, "SegDataset", fail)
 
 
 # case -> (YAML edit (old, new) or None, overrides ({tmp} = the test's folder), expected message fragment)

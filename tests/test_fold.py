@@ -85,8 +85,8 @@ def _randomise_batchnorm(model, seed=0):
 def test_fold_batchnorm_keeps_the_function(repo_root, monkeypatch):
     from model import build_model
     from model.fold import fold_batchnorm
-    from util.inference import predict_multiscale, prepare_inference_model
-    from util.transforms import MEAN, STD
+    from util.data.transforms import MEAN, STD
+    from util.evaluation.inference import predict_multiscale, prepare_inference_model
 
     monkeypatch.chdir(repo_root)
     torch.manual_seed(0)

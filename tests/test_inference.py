@@ -1,4 +1,4 @@
-"""Sliding-window / multi-scale inference (util/inference.py) against the release's algorithm."""
+"""Sliding-window / multi-scale inference (util/evaluation/inference.py) against the release's algorithm."""
 import math
 
 import numpy as np
@@ -7,9 +7,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from util.evaluation.inference import (
+    model_is_channels_last,
+    multiscale_probs,
+    predict_multiscale,
+    scaled_size,
+    sliding_window_probs,
+    window_starts,
+    window_stride,
+)
+
 from release_reference import release_predict
-from util.inference import (model_is_channels_last, multiscale_probs, predict_multiscale, scaled_size,
-                            sliding_window_probs, window_starts, window_stride)
 
 MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]

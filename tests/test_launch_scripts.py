@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
 
+from conftest import REPO_ROOT
 
 # Prints every argument on its own line (quoting stays visible) and what the task would inherit.
 STUB_SRUN = """#!/bin/sh

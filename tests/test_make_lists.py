@@ -2,8 +2,9 @@
 import cv2
 import numpy as np
 
+from util.data.dataset import read_list
+
 from tiny_runs import REPO_ROOT, load_script
-from util.dataset import read_list
 
 make_lists = load_script("tool/dataset_converters/make_lists.py", "make_lists")
 

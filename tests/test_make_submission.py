@@ -5,9 +5,10 @@ import pytest
 import torch
 import yaml
 
-from tiny_runs import load_script
-from util.cli import run_cli
 from util.config import load_cfg
+from util.runtime.cli import run_cli
+
+from tiny_runs import load_script
 
 submission = load_script("tool/dataset_converters/make_submission.py", "make_submission")
 SIZES = [(40, 56), (56, 40), (33, 33)]  # (h, w)

@@ -1,12 +1,12 @@
-"""Confusion matrix and scores (util/metrics.py), colour maps (util/visualize.py)."""
+"""Confusion matrix and scores (util/evaluation/metrics.py), colour maps (util/evaluation/visualize.py)."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from util.metrics import confusion_matrix, metrics_from_confusion, nan_to_none
-from util.visualize import colorize, overlay
+from util.evaluation.metrics import confusion_matrix, metrics_from_confusion, nan_to_none
+from util.evaluation.visualize import colorize, overlay
 
 
 def test_confusion_matrix_hand_made():

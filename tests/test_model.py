@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import tiny_runs
 from model import build_model, output_size, registered_archs, registered_backbones
 from model.backbones import build_pyconvhgresnet, build_pyconvresnet, build_resnet
 from model.pyconv import PyConv, split_channels
 from model.registry import ARCHITECTURES, BACKBONES, register_backbone
-from util.checkpoint import imagenet_to_segmentation_keys
+from util.runtime.checkpoint_io import imagenet_to_segmentation_keys
+
+import tiny_runs
 
 ARCHS = ("pyconvsegnet", "psp")
 FAMILIES = ("resnet", "pyconvresnet", "pyconvhgresnet")

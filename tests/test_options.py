@@ -11,14 +11,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from test_docs import python_example
+
+from util.config import unregister_keys
+from util.data.transforms import PhotometricDistortion, build_train_transform
+from util.engine.losses import LOSSES, OhemCrossEntropy, SegmentationCrossEntropy, build_criterion
+from util.engine.optim import build_scheduler
+from util.errors import ConfigError
+from util.runtime.cli import EXIT_CONFIG, run_cli
+
 from tiny_runs import load_script, make_cfg, write_tiny_config
-from util.cli import EXIT_CONFIG, run_cli
-from util.config import ConfigError, unregister_keys
-from util.losses import LOSSES, OhemCrossEntropy, SegmentationCrossEntropy, build_criterion
-from util.optim import build_scheduler
-from util.transforms import PhotometricDistortion, build_train_transform
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +191,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from util.config import register_keys
-from util.losses import register_loss
+from util.engine.losses import register_loss
 
 register_keys("TRAIN", {"test_smoothing": 0.1})
 CALLS = []
@@ -249,8 +251,8 @@ def readme_examples(tmp_path):
              readme_example(tmp_path, "A learning-rate schedule", "readme_step.py"),
              readme_example(tmp_path, "An augmentation", "readme_cutout.py")]
     yield files
-    from util.optim import SCHEDULES
-    from util.transforms import TRAIN_TRANSFORMS
+    from util.data.transforms import TRAIN_TRANSFORMS
+    from util.engine.optim import SCHEDULES
 
     for registry, name in ((LOSSES, "focal"), (SCHEDULES, "step"), (TRAIN_TRANSFORMS, "cutout")):
         if name in registry:

@@ -1,11 +1,12 @@
-"""util/perf.py: the process-wide allocator setting of the tools."""
+"""util/runtime/perf.py: the process-wide allocator setting of the tools."""
 import os
 import subprocess
 import sys
 
 
 def test_keep_freed_memory_for_reuse_in_a_subprocess(repo_root):
-    code = "from util.perf import keep_freed_memory_for_reuse as k; import torch; k(); x = torch.ones(1 << 24); print(k())"
+    code = ("from util.runtime.perf import keep_freed_memory_for_reuse as k; import torch; k(); "
+            "x = torch.ones(1 << 24); print(k())")
     env = dict(os.environ)
     done = subprocess.run([sys.executable, "-c", code], cwd=repo_root, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

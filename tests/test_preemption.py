@@ -11,14 +11,15 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
-from tiny_runs import write_tiny_config
-from util.training_checkpoints import checkpoint_path, find_resume_checkpoint, list_training_checkpoints, prune_checkpoints
-from util.cli import StopSignals
-from util.distributed import TrainSampler
+from util.engine.checkpoints import find_resume_checkpoint, prune_checkpoints
+from util.runtime.cli import StopSignals
+from util.runtime.distributed import TrainSampler
+from util.runtime.runs import checkpoint_path, list_training_checkpoints
+
 from conftest import REPO_ROOT
+from tiny_runs import write_tiny_config
 
 TRAIN_PY = REPO_ROOT / "tool" / "train.py"
 
@@ -64,7 +65,8 @@ def test_train_sampler_continues_an_epoch_part_way():
 
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")}
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+           and not k.startswith("SLURM_")}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO_ROOT))
     return env
 
@@ -135,7 +137,7 @@ def test_signal_to_one_srun_task_stops_both_at_the_same_iteration(tmp_path):
     """SLURM may signal the tasks at slightly different times; here only task 1 gets SIGUSR1. Both stop
     after the same iteration (the flag rides on the iteration's collective), rank 0 saves every rank's
     random state, and the two tasks resumed with 'resume auto' finish the run."""
-    from util.distributed import _free_port
+    from util.runtime.distributed import _free_port
 
     config = write_tiny_config(tmp_path, dataset=dict(count=16), epochs=1, batch_size=4, print_freq=1)  # 4 iterations
     save_path = tmp_path / "model"

@@ -1,4 +1,4 @@
-"""util/preparation.py: the machinery every tool/dataset_converters/ script shares."""
+"""util/data/preparation.py: the machinery every tool/dataset_converters/ script shares."""
 import glob
 
 import cv2
@@ -6,9 +6,20 @@ import numpy as np
 import pytest
 
 from util.config import load_cfg
-from util.dataset import DataError, read_list_entries
-from util.preparation import (DATASET_SOURCES, TEMP_MARKER, LabelError, convert_labels, files_by_stem,
-                              missing_list_hint, read_label_png, remap, run_parallel, write_list)
+from util.data.dataset import read_list_entries
+from util.data.preparation import (
+    DATASET_SOURCES,
+    TEMP_MARKER,
+    LabelError,
+    convert_labels,
+    files_by_stem,
+    missing_list_hint,
+    read_label_png,
+    remap,
+    run_parallel,
+    write_list,
+)
+from util.errors import DataError
 
 
 def test_remap_maps_and_names_unknown_values():

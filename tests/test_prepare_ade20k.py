@@ -6,9 +6,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from tiny_runs import load_script
-from util.preparation import TEMP_MARKER
+from util.data.preparation import TEMP_MARKER
+
 from conftest import REPO_ROOT
+from tiny_runs import load_script
 
 TOOL = REPO_ROOT / "tool" / "dataset_converters" / "prepare_ade20k.py"
 
@@ -147,7 +148,7 @@ def test_trainval_and_testing_lists(tmp_path, capsys):
     assert read_list_lines(tmp_path, "testing") == ["release_test/testing/ADE_test_00000001.jpg",
                                                     "release_test/testing/ADE_test_00000002.jpg"]
     # The test list is read as split "test" (images only) by the loader the tools use.
-    from util.dataset import read_list
+    from util.data.dataset import read_list
     assert read_list(tmp_path / "list" / "testing.txt", tmp_path, "test")[0] == (
         str(test_dir / "ADE_test_00000001.jpg"), None)
 

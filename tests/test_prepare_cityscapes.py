@@ -49,11 +49,10 @@ def test_table_matches_cityscapesscripts():
     labels = pytest.importorskip("cityscapesscripts.helpers.labels")
     official = {label.id: label.trainId for label in labels.labels if label.id >= 0}
     assert prepare.LABEL_ID_TO_TRAIN_ID == {i: (255 if t in (-1, 255) else t) for i, t in official.items()}
-    names = [label.name for label in sorted((l for l in labels.labels if 0 <= l.trainId < 255),
-                                            key=lambda l: l.trainId)]
-    colors = [list(label.color) for label in sorted((l for l in labels.labels if 0 <= l.trainId < 255),
-                                                    key=lambda l: l.trainId)]
-    from util.dataset import read_colors, read_names
+    trained = sorted((label for label in labels.labels if 0 <= label.trainId < 255), key=lambda label: label.trainId)
+    names = [label.name for label in trained]
+    colors = [list(label.color) for label in trained]
+    from util.data.dataset import read_colors, read_names
     assert read_names(REPO_ROOT / "config/cityscapes/cityscapes_names.txt", 19) == names
     assert read_colors(REPO_ROOT / "config/cityscapes/cityscapes_colors.txt", 19).tolist() == colors
 

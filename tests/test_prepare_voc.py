@@ -6,8 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
+from util.data.dataset import read_colors
+
 from tiny_runs import REPO_ROOT, load_script
-from util.dataset import read_colors
 
 prepare = load_script("tool/dataset_converters/prepare_voc.py", "prepare_voc")
 SIZE = (20, 30)

@@ -1,4 +1,4 @@
-"""A user's own paths (util/runs.py): overrides that carry through train.py, test.py and the shell wrappers,
+"""A user's own paths (util/runtime/runs.py): overrides that carry through train.py, test.py and the shell wrappers,
 relative paths from another directory, records of how results were made, and messages that lead somewhere."""
 from __future__ import annotations
 
@@ -7,17 +7,22 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import yaml
-
 from test_docs import doc_section
+
+from util.config import load_cfg
+from util.engine import training
+from util.errors import CheckpointError, ConfigError
+from util.runtime.runs import (
+    RELEASED_WEIGHTS_HINT,
+    rebase_repository_paths,
+    resolve_test_paths,
+    results_folder,
+    run_directory,
+)
+
 from tiny_runs import REPO_ROOT, load_script, make_dataset, write_tiny_config
-from util import engine
-from util.checkpoint import CheckpointError
-from util.config import ConfigError, load_cfg
-from util.runs import RELEASED_WEIGHTS_HINT, rebase_repository_paths, resolve_test_paths, results_folder, run_directory
 
 TEST_KEYS = ["base_size", "64", "test_h", "65", "test_w", "65", "test_batch_size", "2", "device", "cpu"]
 
@@ -33,7 +38,7 @@ def test_tool():
 
 
 def fake_epoch(*args, **kwargs):
-    """Stands in for engine.train_one_epoch: these tests are about files and paths, not learning."""
+    """Stands in for training.train_iterations: these tests are about files and paths, not learning."""
     return {"loss": 1.0, "main_loss": 1.0, "aux_loss": 0.0, "mIoU": 0.1, "mAcc": 0.1, "allAcc": 0.1}
 
 
@@ -52,7 +57,7 @@ def test_overrides_carry_through_training_testing_and_rescoring(tmp_path, monkey
     config = write_tiny_config(tmp_path)  # the YAML's own save_path is tmp_path/model
     list_path = str(tmp_path / "data" / "list.txt")
     run = tmp_path / "runs" / "demo" / "model"
-    monkeypatch.setattr(engine, "train_one_epoch", fake_epoch)
+    monkeypatch.setattr(training, "train_iterations", fake_epoch)
     train_tool.main(["--config", str(config), "save_path", str(run), "epochs", "1"])
 
     # 1. the checkpoints, the log and the effective config all go to the overridden save_path
@@ -185,13 +190,13 @@ def test_fine_tuning_a_checkpoint_of_another_class_count(tmp_path, monkeypatch, 
     import torch
 
     from model import build_model
-    from util.checkpoint import add_module_prefix
+    from util.runtime.checkpoint_io import add_module_prefix
 
     source_cfg = load_cfg(str(write_tiny_config(tmp_path)), ["classes", "5"])
     source = build_model(source_cfg)
     torch.save({"state_dict": add_module_prefix(source.state_dict()), "epoch": 100}, tmp_path / "ade20k.pth")
     config = write_tiny_config(tmp_path)
-    monkeypatch.setattr(engine, "train_one_epoch", fake_epoch)
+    monkeypatch.setattr(training, "train_iterations", fake_epoch)
     train_tool.main(["--config", str(config), "weight", str(tmp_path / "ade20k.pth"), "epochs", "1"])
     log_text = next((tmp_path / "model").glob("train-*.log")).read_text()
     assert "cls.1, aux.4 re-initialised" in log_text

@@ -5,9 +5,10 @@ import json
 
 import pytest
 
-from tiny_runs import load_script
 from util.config import load_cfg
+
 from conftest import REPO_ROOT
+from tiny_runs import load_script
 
 ADE20K_CONFIG = REPO_ROOT / "config" / "ade20k" / "ade20k_pyconvresnet50_pyconvsegnet.yaml"
 DEMO_CONFIG = REPO_ROOT / "config" / "demo" / "demo_pyconvresnet50_pyconvsegnet.yaml"

@@ -12,18 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_docs import python_example
 from torch import nn
 
 from model import build_model
 from model.registry import ARCHITECTURES, BACKBONES, register_arch, register_backbone
 from model.segmentation import SegmentationModel, auxiliary_classifier
-from test_docs import python_example
-from tiny_runs import make_cfg
-from util import engine
 from util.config import load_cfg
-from util.losses import build_criterion
-from util.optim import build_optimizer, build_scheduler
+from util.engine import training
+from util.engine.losses import build_criterion
+from util.engine.optim import build_optimizer, build_scheduler
 
+from tiny_runs import make_cfg
 
 
 @pytest.fixture
@@ -118,7 +118,7 @@ def train_one_step_like_train_py(model: nn.Module, classes: int):
     optimizer = build_optimizer(model, base_lr=0.01, momentum=0.9, weight_decay=1e-4)
     loader = synthetic_batches(classes)
     scheduler = build_scheduler(optimizer, make_cfg(), iters_per_epoch=len(loader), epochs=1)
-    stats = engine.train_one_epoch(model, loader, build_criterion(make_cfg()), optimizer, scheduler,
+    stats = training.train_iterations(model, loader, build_criterion(make_cfg()), optimizer, scheduler,
                                    torch.device("cpu"), 0, num_classes=classes,
                                    channels_last=False)
     changed = [name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])]

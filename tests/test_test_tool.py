@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from util.config import load_cfg
+
 from conftest import REPO_ROOT
 
 CLASSES = 3
@@ -146,7 +147,7 @@ def test_end_to_end_val_best_model_and_has_prediction(synthetic):
 
 def test_test_split_index_range_and_errors(synthetic):
     from tool.test import main
-    from util.checkpoint import CheckpointError
+    from util.errors import CheckpointError
 
     out = synthetic / "test_split"
     assert main(_argv(synthetic, "split", "test", "test_list", synthetic / "test.txt", "save_folder", out,
@@ -260,7 +261,7 @@ def test_demo_writes_three_pngs(synthetic, tmp_path):
     from tool.demo import main
 
     assert main(_argv(synthetic, "--image", synthetic / "images/img0.png", "--output", tmp_path)) == 0
-    from util.inference import inference_kwargs, load_inference_model, predict_multiscale
+    from util.evaluation.inference import inference_kwargs, load_inference_model, predict_multiscale
 
     gray = cv2.imread(str(tmp_path / "img0_gray.png"), cv2.IMREAD_UNCHANGED)
     cfg = load_cfg(str(synthetic / "config.yaml"))

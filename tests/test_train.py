@@ -14,14 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tiny_runs import load_script, make_cfg, write_tiny_config
-from util import engine
-from util.config import ConfigError
-from util.losses import LOSSES, SegmentationCrossEntropy, build_criterion, match_target_size, register_loss
-from util.optim import PolyDecay, build_optimizer, build_param_groups, build_scheduler
+from util import errors
+from util.engine import training, validation
+from util.engine.losses import LOSSES, SegmentationCrossEntropy, build_criterion, match_target_size, register_loss
+from util.engine.optim import PolyDecay, build_optimizer, build_param_groups, build_scheduler
+from util.errors import ConfigError
+from util.evaluation import whole_images
+
 from conftest import REPO_ROOT
-
-
+from tiny_runs import load_script, make_cfg, write_tiny_config
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
@@ -66,8 +67,8 @@ class SimulatedCrash(Exception):
 
 
 def crash_on_epoch_call(monkeypatch, crash_call: int):
-    """Make tool/train.py's ``engine.train_one_epoch`` raise on its ``crash_call``-th call (1-based)."""
-    real = engine.train_one_epoch
+    """Make tool/train.py's ``training.train_iterations`` raise on its ``crash_call``-th call (1-based)."""
+    real = training.train_iterations
     calls = []
 
     def wrapper(*args, **kwargs):
@@ -76,7 +77,7 @@ def crash_on_epoch_call(monkeypatch, crash_call: int):
             raise SimulatedCrash(f"killed before epoch call {crash_call}")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "train_one_epoch", wrapper)
+    monkeypatch.setattr(training, "train_iterations", wrapper)
 
 
 def load(path: Path):
@@ -191,7 +192,7 @@ def _toy_loader(n_batches=3, classes=3, seed=0, nan_at=None):
 
 
 def test_train_one_epoch_and_evaluate_toy():
-    from util.metrics import confusion_matrix, metrics_from_confusion
+    from util.evaluation.metrics import confusion_matrix, metrics_from_confusion
 
     torch.manual_seed(0)
     model = ToySegModel()
@@ -208,7 +209,7 @@ def test_train_one_epoch_and_evaluate_toy():
             values[name, step] = value
 
     loader = _toy_loader()
-    stats = engine.train_one_epoch(model, loader, criterion, optimizer, scheduler, torch.device("cpu"), 0,
+    stats = training.train_iterations(model, loader, criterion, optimizer, scheduler, torch.device("cpu"), 0,
                                    max_epochs=2, num_classes=3, print_freq=1, writer=Writer())
     assert set(stats) >= {"loss", "mIoU", "mAcc", "allAcc"} and np.isfinite(stats["loss"])
     assert stats["loss"] == pytest.approx(stats["main_loss"] + 0.4 * stats["aux_loss"])
@@ -220,9 +221,9 @@ def test_train_one_epoch_and_evaluate_toy():
     assert values["lr/backbone", 1] == pytest.approx(0.01 * (1 - 1 / 6) ** 0.9)
     assert values["lr/head", 3] == pytest.approx(10 * values["lr/backbone", 3])
     one_group = torch.optim.SGD(model.parameters(), lr=0.5)
-    assert engine.learning_rate_scalars(one_group) == {"lr": 0.5}
+    assert training.learning_rate_scalars(one_group) == {"lr": 0.5}
 
-    result = engine.evaluate(model, loader, criterion, torch.device("cpu"), 3, 255)
+    result = validation.evaluate_crops(model, loader, criterion, torch.device("cpu"), 3, 255)
     model.eval()
     with torch.no_grad():
         cm = sum(confusion_matrix(model(x).argmax(1), y, 3) for x, y in loader)
@@ -235,10 +236,11 @@ def test_bf16_autocast_on_cpu():
     optimizer = build_optimizer(model, 0.01, 0.9, 1e-4)
     scheduler = build_scheduler(optimizer, make_cfg(), 3, epochs=1)
     criterion = build_criterion(make_cfg())
-    stats = engine.train_one_epoch(model, _toy_loader(), criterion, optimizer, scheduler, torch.device("cpu"), 0,
+    stats = training.train_iterations(model, _toy_loader(), criterion, optimizer, scheduler, torch.device("cpu"), 0,
                                    num_classes=3, amp_dtype=torch.bfloat16)
     assert np.isfinite(stats["loss"]) and model.layer0.weight.dtype == torch.float32
-    result = engine.evaluate(model, _toy_loader(), criterion, torch.device("cpu"), 3, amp_dtype=torch.bfloat16)
+    result = validation.evaluate_crops(model, _toy_loader(), criterion, torch.device("cpu"), 3,
+                                       amp_dtype=torch.bfloat16)
     assert 0.0 <= result["allAcc"] <= 1.0
 
 
@@ -246,8 +248,8 @@ def test_nan_loss_names_epoch_and_iteration():
     model = ToySegModel()
     optimizer = build_optimizer(model, 0.01, 0.9, 1e-4)
     scheduler = build_scheduler(optimizer, make_cfg(), 6, epochs=1)
-    with pytest.raises(engine.NonFiniteLossError, match=r"epoch 2, iteration 2/3"):
-        engine.train_one_epoch(model, _toy_loader(nan_at=1), build_criterion(make_cfg()), optimizer, scheduler,
+    with pytest.raises(errors.NonFiniteLossError, match=r"epoch 2, iteration 2/3"):
+        training.train_iterations(model, _toy_loader(nan_at=1), build_criterion(make_cfg()), optimizer, scheduler,
                                torch.device("cpu"), 1, max_epochs=2, num_classes=3)
 
 
@@ -302,7 +304,7 @@ def test_nan_loss_stops_run_and_keeps_last_checkpoint(tmp_path, monkeypatch, tra
 
     register_loss("test_diverging")(lambda cfg: Diverging(cfg.ignore_label))
     try:
-        with pytest.raises(engine.NonFiniteLossError) as error:
+        with pytest.raises(errors.NonFiniteLossError) as error:
             train_tool.main(["--config", str(config), "loss", "test_diverging"])
     finally:
         LOSSES.unregister("test_diverging")
@@ -327,15 +329,15 @@ def test_best_miou_survives_resume_and_old_checkpoints_are_pruned(tmp_path, monk
         return {"mIoU": value, "mAcc": value, "allAcc": value, "iou": [value] * 3, "acc": [value] * 3,
                 "num_images": 4}
 
-    monkeypatch.setattr(engine, "evaluate_images", fake_evaluate)
-    monkeypatch.setattr(engine, "train_one_epoch", fake_train)
+    monkeypatch.setattr(whole_images, "evaluate_images", fake_evaluate)
+    monkeypatch.setattr(training, "train_iterations", fake_train)
     crash_on_epoch_call(monkeypatch, crash_call=2)
     with pytest.raises(SimulatedCrash):
         train_tool.main(["--config", str(config)])
     model_dir = tmp_path / "model"
     assert load(model_dir / "best_mIoU.pth")["best_mIoU"] == 0.5
 
-    monkeypatch.setattr(engine, "train_one_epoch", fake_train)
+    monkeypatch.setattr(training, "train_iterations", fake_train)
     summary = train_tool.main(["--config", str(config)])
     assert summary["best_mIoU"] == 0.5
     assert summary["end"]["final"]["mIoU"] == 0.4 and summary["end"]["best"]["mIoU"] == 0.5
@@ -354,7 +356,7 @@ def test_resume_at_the_last_epoch_applies_keep_checkpoints(tmp_path, monkeypatch
     def fake_train(*args, **kwargs):
         return {"loss": 1.0, "main_loss": 1.0, "aux_loss": 0.0, "mIoU": 0.1, "mAcc": 0.1, "allAcc": 0.1}
 
-    monkeypatch.setattr(engine, "train_one_epoch", fake_train)
+    monkeypatch.setattr(training, "train_iterations", fake_train)
     train_tool.main(["--config", str(config)])
     model_dir = tmp_path / "model"
     assert sorted(p for p in os.listdir(model_dir) if p.startswith("train_epoch")) == \

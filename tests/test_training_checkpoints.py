@@ -13,7 +13,8 @@ def _touch_epochs(folder, epochs):
 
 
 def test_epoch_checkpoints_sort_by_number_and_prune_keeps_best(tmp_path):
-    from util.training_checkpoints import checkpoint_path, list_epoch_checkpoints, prune_checkpoints
+    from util.engine.checkpoints import prune_checkpoints
+    from util.runtime.runs import checkpoint_path, list_epoch_checkpoints
 
     _touch_epochs(tmp_path, [2, 10, 9])
     assert [epoch for epoch, _ in list_epoch_checkpoints(tmp_path)] == [2, 9, 10]  # 10 after 9, not after 1
@@ -24,7 +25,7 @@ def test_epoch_checkpoints_sort_by_number_and_prune_keeps_best(tmp_path):
 
 
 def test_find_resume_checkpoint(tmp_path):
-    from util.training_checkpoints import find_resume_checkpoint
+    from util.engine.checkpoints import find_resume_checkpoint
 
     assert find_resume_checkpoint(None, tmp_path) is None and find_resume_checkpoint("", tmp_path) is None
     assert find_resume_checkpoint("auto", tmp_path) is None  # nothing saved yet: start from scratch
@@ -34,9 +35,10 @@ def test_find_resume_checkpoint(tmp_path):
 
 
 def test_training_checkpoint_round_trip_and_check(tmp_path):
-    from util.checkpoint import CheckpointError, load_checkpoint_file
-    from util.training_checkpoints import check_training_checkpoint, make_checkpoint, save_training_checkpoint
     from util.config import load_cfg
+    from util.engine.checkpoints import check_training_checkpoint, make_checkpoint, save_training_checkpoint
+    from util.errors import CheckpointError
+    from util.runtime.checkpoint_io import load_checkpoint_file
 
     model = nn.Sequential(nn.Conv2d(3, 2, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

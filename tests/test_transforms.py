@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from util.data import transforms as T
+
 import tiny_runs
-from util import transforms as T
 
 
 def make_cfg(validate=True, **overrides):

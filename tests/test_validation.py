@@ -1,4 +1,4 @@
-"""Training-time validation (tool/train.py, util/engine.py): the test protocol of tool/test.py on whole
+"""Training-time validation (tool/train.py, util/engine/validation.py): the test protocol of tool/test.py on whole
 images, split across processes, bounded by val_every / val_max_images; Ctrl-C. CPU, tiny."""
 from __future__ import annotations
 
@@ -7,16 +7,17 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
+from util.data import dataset
+from util.engine import training
+from util.evaluation import whole_images
+
 from conftest import REPO_ROOT
 from tiny_runs import load_script, write_tiny_config
-from util import engine
-
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +30,11 @@ def _env():
 
 
 def test_evenly_spaced_subset_is_fixed_and_spread():
-    assert engine.evenly_spaced_subset(101, 5) == [0, 25, 50, 75, 100]
-    assert engine.evenly_spaced_subset(10, 0) == list(range(10))
-    assert engine.evenly_spaced_subset(3, 7) == [0, 1, 2]
-    assert engine.evenly_spaced_subset(10, 1) == [0]
-    assert len(engine.evenly_spaced_subset(10, 9)) == 9
+    assert dataset.evenly_spaced_subset(101, 5) == [0, 25, 50, 75, 100]
+    assert dataset.evenly_spaced_subset(10, 0) == list(range(10))
+    assert dataset.evenly_spaced_subset(3, 7) == [0, 1, 2]
+    assert dataset.evenly_spaced_subset(10, 1) == [0]
+    assert len(dataset.evenly_spaced_subset(10, 9)) == 9
 
 
 def test_whole_image_validation_equals_test_tool(tmp_path, train_tool, one_thread):
@@ -71,26 +72,25 @@ VALIDATE_SCRIPT = """
 import json, sys
 sys.path[:0] = [{tests!r}, {repo!r}]
 import torch
-from tiny_runs import load_script
-from util import distributed as dist_utils
+from util.engine import validation
+from util.runtime import distributed
 from util.config import load_cfg
-from util.dataset import SegDataset
-from util.misc import get_logger
+from util.data.dataset import SegDataset
+from util.runtime.log import get_logger
 from model import build_model
-from util.checkpoint import load_model_weights
+from util.runtime.checkpoint_io import load_model_weights
 
-train = load_script("tool/train.py", "train_tool")
 cfg = load_cfg({config!r}, ["val_scales", "[1.0, 0.75]", "val_flip", "True"])
-ctx = dist_utils.init_distributed(cfg)
+ctx = distributed.init_distributed(cfg)
 model = build_model(cfg)
 load_model_weights(model, {checkpoint!r})
 model = model.to(memory_format=torch.channels_last)
 entries = SegDataset("val", cfg.data_root, cfg.val_list).entries
-stats = train.validate_whole_images(cfg, ctx, model, entries, get_logger(rank=ctx.rank), "Val")
+stats = validation.validate_whole_images(cfg, ctx, model, entries, get_logger(rank=ctx.rank), "Val")
 if ctx.is_main:
     with open({out!r} + f".{{ctx.world_size}}.json", "w") as f:
         json.dump({{"cm": stats["confusion_matrix"].tolist(), "n": stats["num_images"]}}, f)
-dist_utils.cleanup()
+distributed.cleanup()
 """
 
 
@@ -104,8 +104,8 @@ def test_two_processes_validate_like_one(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     script = tmp_path / "validate.py"
     out = str(tmp_path / "cm")
-    script.write_text(VALIDATE_SCRIPT.format(tests=str(REPO_ROOT / "tests"), repo=str(REPO_ROOT), config=str(config), out=out,
-                                             checkpoint=str(tmp_path / "model" / "train_epoch_1.pth")))
+    script.write_text(VALIDATE_SCRIPT.format(tests=str(REPO_ROOT / "tests"), repo=str(REPO_ROOT), config=str(config),
+                                             out=out, checkpoint=str(tmp_path / "model" / "train_epoch_1.pth")))
     for launcher in ([sys.executable], [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                         "--nproc_per_node=2"]):
         result = subprocess.run([*launcher, str(script)], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True,
@@ -130,8 +130,8 @@ def test_val_every_2_validates_at_epochs_2_and_4_and_the_last(tmp_path, monkeypa
         value = 0.1 * len(titles)
         return {"mIoU": value, "mAcc": value, "allAcc": value, "num_images": 4}
 
-    monkeypatch.setattr(engine, "train_one_epoch", fake_train)
-    monkeypatch.setattr(engine, "evaluate_images", fake_evaluate)
+    monkeypatch.setattr(training, "train_iterations", fake_train)
+    monkeypatch.setattr(whole_images, "evaluate_images", fake_evaluate)
     summary = train_tool.main(["--config", str(config)])
     # The last epoch (5) is always validated; it is also the best, so the end reuses its result.
     assert titles == ["Val epoch [2/5]", "Val epoch [4/5]", "Val epoch [5/5]"]
@@ -143,7 +143,7 @@ def test_crop_mode_and_a_subset(tmp_path, monkeypatch, train_tool):
     """val_mode crop scores centre crops of val_max_images images; the end of training still reports
     the whole-image result of the final and the best model."""
     config = write_tiny_config(tmp_path, evaluate=True, epochs=1, val_mode="crop", val_max_images=2)
-    monkeypatch.setattr(engine, "train_one_epoch", lambda *a, **k: {
+    monkeypatch.setattr(training, "train_iterations", lambda *a, **k: {
         "loss": 1.0, "main_loss": 1.0, "aux_loss": 0.0, "mIoU": 0.1, "mAcc": 0.1, "allAcc": 0.1})
     summary = train_tool.main(["--config", str(config)])
     assert "loss" in summary["val"] and 0.0 <= summary["val"]["mIoU"] <= 1.0

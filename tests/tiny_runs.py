@@ -15,8 +15,8 @@ import numpy as np
 import yaml
 
 from util.config import CfgNode, load_cfg
-from conftest import REPO_ROOT
 
+from conftest import REPO_ROOT
 
 
 def make_cfg(validate: bool = True, **keys) -> CfgNode:

@@ -9,7 +9,7 @@ Uses the weights of ``model_path`` (empty: the run's last checkpoint, as tool/te
 test-time settings of the config (``scales``, ``base_size``, ``test_h``/``test_w``,
 ``test_batch_size``, ``precision``; palette ``colors_path``, names ``names_path``). For each image it
 writes DIR/NAME_gray.png (class ids), DIR/NAME_color.png and DIR/NAME_overlay.png; for a video
-DIR/NAME_overlay.mp4 (util/segment_files.py), with progress lines for folders and videos.
+DIR/NAME_overlay.mp4 (util/evaluation/segment_files.py), with progress lines for folders and videos.
 """
 from __future__ import annotations
 
@@ -21,15 +21,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from util.cli import exit_with  # noqa: E402
-from util.config import ConfigError, parse_cli  # noqa: E402
-from util.inference import inference_kwargs, load_inference_model  # noqa: E402
-from util.precision import check_device_support  # noqa: E402
-from util.misc import get_logger, select_device  # noqa: E402
-from util.runs import check_checkpoint_paths, resolve_test_paths  # noqa: E402
-from util.segment_files import (folder_images, input_kind, model_predictor, segment_folder,  # noqa: E402
-                                segment_image, segment_video)
-from util.visualize import config_class_names, config_palette  # noqa: E402
+from util.config import parse_cli  # noqa: E402
+from util.engine.precision import check_device_support  # noqa: E402
+from util.errors import ConfigError  # noqa: E402
+from util.evaluation.inference import inference_kwargs, load_inference_model  # noqa: E402
+from util.evaluation.segment_files import (  # noqa: E402
+    folder_images,
+    input_kind,
+    model_predictor,
+    segment_folder,
+    segment_image,
+    segment_video,
+)
+from util.evaluation.visualize import config_class_names, config_palette  # noqa: E402
+from util.runtime.cli import exit_with  # noqa: E402
+from util.runtime.distributed import select_device  # noqa: E402
+from util.runtime.log import get_logger  # noqa: E402
+from util.runtime.runs import check_checkpoint_paths, resolve_test_paths  # noqa: E402
 
 
 def _add_arguments(parser) -> None:

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=N tool/test.py --config ...      # images split across processes
 
 For every image of ``test_list`` (from ``index_start``, ``index_step`` images; 0 = to the end) it
-predicts with multi-scale sliding windows (util/inference.py; with their horizontal mirrors when
+predicts with multi-scale sliding windows (util/evaluation/inference.py; with their horizontal mirrors when
 ``flip``, the default) and writes ``save_folder/gray/NAME.png`` (class ids) and
 ``save_folder/color/NAME.png``. For split ``val`` or
 ``train`` it scores the predictions against the labels and writes ``save_folder/metrics.json``
@@ -16,64 +16,37 @@ same is repeated for it into ``best_mIoU_save_folder``.
 
 Left empty, ``model_path`` is the run's last checkpoint (``save_path/train_epoch_{epochs}.pth``, with
 its ``best_mIoU.pth`` too when there is one) and the save folders are beside the run
-(``RUN/result/epoch_N/val/ss``): util/runs.py, so the overrides given to tool/train.py find their run.
+(``RUN/result/epoch_N/val/ss``): util/runtime/runs.py, so the overrides given to tool/train.py find their run.
 
 Under torchrun (WORLD_SIZE > 1) rank r takes images r, r + N, ...; confusion matrices are summed
 over processes, so the scores equal a single-process run's; rank 0 prints and writes them.
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from util.checkpoint import CheckpointError  # noqa: E402
-from util.cli import exit_with  # noqa: E402
-from util.config import ConfigError, parse_cli  # noqa: E402
-from util.dataset import (DataError, ListEntry, check_listed_files, load_label, output_names,  # noqa: E402
-                          read_list_entries)
-from util.distributed import describe_launch, detect_launcher, init_distributed, launcher_world_size  # noqa: E402
-from util.engine import evaluate_images, whole_image_predictor  # noqa: E402
-from util.inference import inference_kwargs, load_inference_model  # noqa: E402
-from util.metrics import nan_to_none  # noqa: E402
-from util.misc import get_logger, select_device  # noqa: E402
-from util.precision import check_device_support  # noqa: E402
-from util.runs import checkpoint_path_problem, evaluation_log_path, resolve_test_paths, timestamp  # noqa: E402
-from util.visualize import colorize, config_class_names, config_palette, save_gray, save_rgb  # noqa: E402
-
-
-def select_items(items: Sequence, index_start: int, index_step: int) -> list:
-    """``items[index_start : index_start + index_step]`` (``index_step`` 0 = to the end), as the release."""
-    end = len(items) if not index_step else min(index_start + index_step, len(items))
-    return list(items[index_start:end])
-
-
-def _runs(cfg) -> List[Tuple[Optional[str], str]]:
-    """(model path, save folder) pairs to evaluate: ``model_path`` and, when set, ``best_mIoU_model_path``."""
-    if not cfg.save_folder:
-        raise ConfigError("save_folder must be set (predictions and metrics are written there), or model_path, "
-                          "or save_path and epochs of the run to evaluate")
-    runs = [(cfg.model_path, cfg.save_folder)]
-    if cfg.best_mIoU_model_path:
-        if not cfg.best_mIoU_save_folder:
-            raise ConfigError("best_mIoU_model_path is set but best_mIoU_save_folder is empty "
-                              "(set it, or set best_mIoU_model_path to '' to skip)")
-        runs.append((cfg.best_mIoU_model_path, cfg.best_mIoU_save_folder))
-    if not cfg.has_prediction:
-        for model_path, _ in runs:
-            if not model_path:
-                raise ConfigError("model_path must be set (or has_prediction True to score saved predictions)")
-            problem = checkpoint_path_problem("model_path" if model_path == cfg.model_path else
-                                              "best_mIoU_model_path", model_path)
-            if problem:
-                raise CheckpointError(problem)
-    return runs
+from util.config import parse_cli  # noqa: E402
+from util.data.dataset import check_listed_files, output_names, read_list_entries  # noqa: E402
+from util.engine.precision import check_device_support  # noqa: E402
+from util.errors import ConfigError  # noqa: E402
+from util.evaluation.scoring import checkpoints_to_evaluate, evaluate_run, select_items  # noqa: E402
+from util.runtime.cli import exit_with  # noqa: E402
+from util.runtime.distributed import (  # noqa: E402
+    cleanup,
+    describe_launch,
+    detect_launcher,
+    init_distributed,
+    launcher_world_size,
+    select_device,
+)
+from util.runtime.log import get_logger  # noqa: E402
+from util.runtime.runs import evaluation_log_path, resolve_test_paths, timestamp  # noqa: E402
 
 
 def _setup_distributed(cfg):
@@ -82,109 +55,6 @@ def _setup_distributed(cfg):
         context = init_distributed(cfg)
         return context.rank, context.world_size, context.device, context
     return 0, 1, select_device(cfg.device), None
-
-
-PREDICTION_RECORD = "predictions.json"  # how the gray maps of a save folder were made
-PREDICTION_KEYS = ("model_path", "scales", "base_size", "crop_size", "flip", "precision")
-
-
-def prediction_record(cfg, model_path: Optional[str], kwargs: dict) -> dict:
-    """The settings that make this run's predictions (kept in the save folder and in metrics.json)."""
-    return dict(model_path=str(model_path), scales=kwargs["scales"], base_size=cfg.base_size,
-                crop_size=list(kwargs["crop_size"]), flip=bool(kwargs["flip"]), precision=cfg.get("precision", "fp32"))
-
-
-def read_prediction_record(save_folder: str, logger) -> dict:
-    """How the predictions already in ``save_folder`` were made (``has_prediction True``): the record
-    tool/test.py wrote beside them; its settings, not this command's, describe what is scored."""
-    path = Path(save_folder) / PREDICTION_RECORD
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        return {key: record.get(key) for key in PREDICTION_KEYS}
-    except (OSError, ValueError):
-        logger.warning(f"{path} is missing or unreadable: how these predictions were made is not known "
-                       f"(recorded as null in metrics.json)")
-        return {key: None for key in PREDICTION_KEYS}
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write ``data`` atomically (a crash never leaves half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_suffix(".json.tmp")
-    tmp_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp_path, path)
-
-
-def evaluate_run(cfg, model_path: Optional[str], save_folder: str, entries: Sequence[ListEntry],
-                 names: Sequence[str], device: torch.device, rank: int, world_size: int, logger) -> Optional[dict]:
-    """Predict (or read saved predictions) for this process's share of ``entries`` and score them
-    with :func:`util.engine.evaluate_images` (the loop the training-time validation runs too).
-
-    ``names[i]`` is the output file name of ``entries[i]``. Returns the metrics dict (None for an
-    unlabelled split).
-    """
-    labelled = cfg.split != "test"
-    gray_folder = Path(save_folder) / "gray"
-    color_folder = Path(save_folder) / "color"
-    palette = config_palette(cfg)
-    kwargs = inference_kwargs(cfg)
-
-    if cfg.has_prediction:
-        made_by = read_prediction_record(save_folder, logger)
-
-        def predict(index, entry, where):
-            gray_path = gray_folder / f"{names[index]}.png"
-            if not gray_path.is_file():
-                raise DataError(f"has_prediction is True but the prediction {gray_path} does not exist "
-                                f"(for image {entry.image_path})")
-            return load_label(gray_path)
-
-        save_prediction = None
-    else:
-        made_by = prediction_record(cfg, model_path, kwargs)
-        # Always a fresh model: load_inference_model folds BatchNorm into the convolutions, so a
-        # previous run's model no longer has the checkpoint's layout to load new weights into.
-        model = load_inference_model(cfg, model_path, device)
-        logger.info(f"=> loaded weights {model_path}; scales {kwargs['scales']}, flip {kwargs['flip']}, "
-                    f"base_size {cfg.base_size}, crop {kwargs['crop_size']}, {kwargs['batch_size']} windows per "
-                    f"forward, device {device}")
-        predict = whole_image_predictor(model, kwargs)
-
-        def save_prediction(index, entry, prediction):
-            gray = prediction.to("cpu", torch.uint8).numpy()
-            save_gray(gray_folder / f"{names[index]}.png", gray)
-            save_rgb(color_folder / f"{names[index]}.png", colorize(gray, palette))
-
-    metrics = evaluate_images(entries, predict, cfg.classes, device, ignore_index=cfg.ignore_label,
-                              labelled=labelled, rank=rank, world_size=world_size, list_path=cfg.test_list,
-                              on_prediction=save_prediction, logger=logger, title="Test")
-    if rank == 0 and not cfg.has_prediction:
-        write_json(Path(save_folder) / PREDICTION_RECORD, made_by)
-    if not labelled:
-        logger.info(f"<<<<<<<<<<<<<<<<< End Evaluation: predictions in {save_folder} <<<<<<<<<<<<<<<<<")
-        return None
-
-    if rank == 0:
-        class_names = config_class_names(cfg)
-        logger.info(f"Eval result: mIoU/mAcc/allAcc {metrics['mIoU']:.4f}/{metrics['mAcc']:.4f}/"
-                    f"{metrics['allAcc']:.4f}.")
-        for class_id, (iou, acc, class_name) in enumerate(zip(metrics["iou"], metrics["acc"], class_names)):
-            logger.info(f"Class_{class_id} result: iou/accuracy {iou:.4f}/{acc:.4f}, name: {class_name}.")
-        record = {key: value for key, value in metrics.items() if key not in ("confusion_matrix", "num_images")}
-        record.update(
-            names=class_names,
-            num_images=metrics["num_images"],
-            split=cfg.split,
-            test_list=str(cfg.test_list),
-            has_prediction=bool(cfg.has_prediction),
-            **made_by,
-            confusion_matrix=metrics["confusion_matrix"].cpu().tolist(),
-        )
-        metrics_path = Path(save_folder) / "metrics.json"
-        write_json(metrics_path, nan_to_none(record))
-        logger.info(f"=> metrics written to {metrics_path}")
-        logger.info("<<<<<<<<<<<<<<<<< End Evaluation <<<<<<<<<<<<<<<<<")
-    return metrics
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -198,7 +68,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_device_support(cfg, device.type)
         if not cfg.test_list:
             raise ConfigError("test_list must be set")
-        runs = _runs(cfg)
+        runs = checkpoints_to_evaluate(cfg)
         if rank == 0:  # the log goes beside the results, once the settings are known to be usable
             Path(cfg.save_folder).mkdir(parents=True, exist_ok=True)
         logger = get_logger(rank=rank, log_file=evaluation_log_path(cfg.save_folder, timestamp()))
@@ -217,8 +87,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             evaluate_run(cfg, model_path, save_folder, entries, names, device, rank, world_size, logger)
     finally:
         if context is not None:
-            from util.distributed import cleanup
-
             cleanup()
     return 0
 

@@ -12,7 +12,7 @@ Keys live beside their code. The keys every tool shares (data, model, sizes, pro
 are listed below; a module that owns a concern declares its own keys, defaults and checks next
 to the code that reads them, at import time::
 
-    # util/optim.py
+    # util/engine/optim.py
     from util.config import check_choice, register_keys
 
     def _check(cfg):
@@ -41,10 +41,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message says what is allowed."""
-
+from util.errors import ConfigError
 
 # Section -> key -> default. ``None`` means "empty in YAML": such a key accepts any type.
 SCHEMA: Dict[str, Dict[str, Any]] = {
@@ -135,7 +132,9 @@ def _note_retired(key: str, source: str) -> None:
         print(f"note: {source}: '{key}' is ignored: {RETIRED_KEYS[key]}", file=sys.stderr)
 
 # Modules of this repository that declare keys with register_keys (imported before any config is read).
-KEY_MODULES = ("util.precision", "util.losses", "util.optim", "util.transforms", "util.inference", "util.engine")
+# Their keys appear in the schema (and in a dumped config) in this order, whatever order they were imported in.
+KEY_MODULES = ("util.engine.losses", "util.engine.precision", "util.engine.validation", "util.engine.optim",
+               "util.data.transforms", "util.evaluation.inference")
 
 SPLITS = ("train", "val", "test")
 
@@ -191,6 +190,11 @@ def _load_key_modules() -> None:
         _key_modules_loaded = True
         for name in KEY_MODULES:
             importlib.import_module(name)
+        rank = {name: index for index, name in enumerate(KEY_MODULES)}
+        for section, keys in SCHEMA.items():
+            # built-in keys first, then each key module's in KEY_MODULES order (stable within a module)
+            ordered = sorted(keys, key=lambda key: rank.get(_KEY_OWNERS.get(key), -1))
+            SCHEMA[section] = {key: keys[key] for key in ordered}
 
 
 def schema() -> Dict[str, Dict[str, Any]]:
@@ -323,7 +327,7 @@ def load_cfg(path: Optional[str], overrides: Optional[Sequence[str]] = None, val
                     value = None
                 cfg[key] = _check_type(key, value, all_defaults[key], path)
     apply_overrides(cfg, overrides or [])
-    from util.runs import expand_user_paths, rebase_repository_paths
+    from util.runtime.runs import expand_user_paths, rebase_repository_paths
 
     # The repository's configs work from any directory; command-line paths are the shell's.
     rebase_repository_paths(cfg, path, [key.lstrip("-") for key in (overrides or [])[0::2]])
@@ -475,7 +479,8 @@ def parse_cli(argv: Optional[List[str]], description: str, extra=None):
     import argparse
 
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True, help="YAML config, e.g. config/ade20k/ade20k_pyconvresnet50_pyconvsegnet.yaml")
+    parser.add_argument("--config", required=True,
+                        help="YAML config, e.g. config/ade20k/ade20k_pyconvresnet50_pyconvsegnet.yaml")
     if extra is not None:
         extra(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides of config keys")

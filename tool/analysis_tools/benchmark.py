@@ -6,7 +6,7 @@ Everything is measured in the same process on the current machine, so the ratios
 when the absolute numbers are not comparable between machines (the jobs: benchmark_jobs/):
 
 * ``matmul``: GFLOP/s of a 4096^3 matmul in float32 and bfloat16 (and float16 on CUDA): the limit.
-* ``eval``: the test path of ``tool/test.py`` (``util.inference.load_inference_model``'s model:
+* ``eval``: the test path of ``tool/test.py`` (``util.evaluation.inference.load_inference_model``'s model:
   BatchNorm folded, channels_last, ``torch.compile`` with freezing when ``compile True``;
   ``predict_multiscale`` with the config's window batch) on one ``--image-size`` image: seconds per
   image and ``utilisation`` = model GFLOP done / seconds / matmul GFLOP/s of the same dtype,
@@ -17,7 +17,7 @@ when the absolute numbers are not comparable between machines (the jobs: benchma
   flip per forward, float32, NCHW, BatchNorm as is, float64 accumulation on the host, glibc's default
   allocator, a separate process) and reports the speed-up and the fraction of pixels whose fast
   float32 prediction equals it.
-* ``train``: ``util.engine.train_one_epoch`` (the loop of tool/train.py with the config's loss,
+* ``train``: ``util.engine.training.train_iterations`` (the loop of tool/train.py with the config's loss,
   optimiser and schedule, channels_last, autocast) on random crops: images/s and utilisation.
 * ``data``: samples/s of the training DataLoader (cfg.workers, cfg.batch_size, real files of
   cfg.train_list with the training augmentation), and the training step fed by it against the same
@@ -28,7 +28,7 @@ when the absolute numbers are not comparable between machines (the jobs: benchma
 Every timed job is first warmed up until one untimed call is in steady state (fewer than 1024
 minor page faults, at most 4 calls): what a long run spends per step, not the first steps' heap
 growth. Like tool/train.py and tool/test.py, the run first applies
-``util.perf.keep_freed_memory_for_reuse`` (``--default-malloc`` skips it). Progress goes to
+``util.runtime.perf.keep_freed_memory_for_reuse`` (``--default-malloc`` skips it). Progress goes to
 stderr, the JSON alone to stdout (and to ``--output``; ``--markdown`` writes a table of the main
 numbers). The bf16-against-fp32 accuracy checks are tool/analysis_tools/check_bf16.py. The README's
 performance table:
@@ -51,9 +51,9 @@ import torch  # noqa: E402
 from tool.analysis_tools.benchmark_jobs import command  # noqa: E402
 from tool.analysis_tools.benchmark_jobs.measure import GIB, log, matmul_rate, peak_rss_gib  # noqa: E402
 from tool.analysis_tools.benchmark_jobs.report import benchmark_table  # noqa: E402
-from util.cli import run_cli  # noqa: E402
-from util.config import ConfigError  # noqa: E402
-from util.precision import PRECISIONS  # noqa: E402
+from util.engine.precision import PRECISIONS  # noqa: E402
+from util.errors import ConfigError  # noqa: E402
+from util.runtime.cli import run_cli  # noqa: E402
 
 SCRIPT = str(Path(__file__).resolve())
 
@@ -86,7 +86,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--skip-train", action="store_true", help="no training timing")
     parser.add_argument("--skip-data", action="store_true", help="no data-loading timing")
     parser.add_argument("--onnxruntime", action="store_true",
-                        help="also time the fp32 sliding-window test through onnxruntime (needs requirements-export.txt)")
+                        help="also time the fp32 sliding-window test through onnxruntime "
+                             "(needs requirements-export.txt)")
     parser.add_argument("--compare-naive", action="store_true",
                         help="also time the release's one-window-at-a-time float32 NCHW loop")
     parser.add_argument("--memory-check", action="store_true",

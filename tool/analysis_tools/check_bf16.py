@@ -7,7 +7,7 @@
   path of tool/test.py), with the weights of ``model_path`` (random weights and a ``warnings``
   entry when there is no checkpoint: a random network's agreement says little).
 * ``loss_curve`` (``--loss-curve STEPS``, default 0: off): STEPS training steps of
-  ``util.engine.train_one_epoch`` on real batches of cfg.train_list from the same initial weights,
+  ``util.engine.training.train_iterations`` on real batches of cfg.train_list from the same initial weights,
   in fp32, in bf16, and in fp32 again with other dropout masks: the bf16 curve's distance to fp32
   is judged against that run-to-run noise.
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tool.analysis_tools.benchmark_jobs import command  # noqa: E402
 from tool.analysis_tools.benchmark_jobs.measure import peak_rss_gib  # noqa: E402
 from tool.analysis_tools.benchmark_jobs.report import accuracy_table  # noqa: E402
-from util.cli import run_cli  # noqa: E402
+from util.runtime.cli import run_cli  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):

@@ -1,7 +1,8 @@
 """Print a model summary for a config: parameters, GFLOP per crop, output stride and feature sizes.
 
     python tool/analysis_tools/summary.py --config config/ade20k/ade20k_pyconvresnet50_pyconvsegnet.yaml [KEY VALUE ...]
-    python tool/analysis_tools/summary.py --config config/demo/demo_pyconvresnet50_pyconvsegnet.yaml train_h 129 train_w 129
+    python tool/analysis_tools/summary.py --config config/demo/demo_pyconvresnet50_pyconvsegnet.yaml \\
+        train_h 129 train_w 129
 
 The model is built on PyTorch's ``meta`` device (shapes only: no memory, no weights, no data), so
 any config can be summarised in seconds on any machine, including the 152-layer ones. FLOPs are
@@ -20,8 +21,8 @@ from typing import Any, Dict, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from model.summary import summarize  # noqa: E402
-from util.cli import run_cli  # noqa: E402
 from util.config import parse_cli  # noqa: E402
+from util.runtime.cli import run_cli  # noqa: E402
 
 
 def format_summary(info: Dict[str, Any]) -> str:

@@ -6,7 +6,7 @@
 Pairs each image in IMAGES with the label map of the same name (any extension; subfolders are matched by
 their relative path) in LABELS. A label map is a single-channel image of class ids 0..N-1, with
 ``--ignore-label`` (255) for pixels to ignore, the same size as its image (read by the same loader as
-training, util/dataset.py). Every pair is checked; each bad file is named with what is wrong, left out,
+training, util/data/dataset.py). Every pair is checked; each bad file is named with what is wrong, left out,
 and the exit status is 1. Images without a label and labels without an image are warnings.
 
 Writes ``OUT/train.txt`` and ``OUT/val.txt``: a reproducible split (the same files and ``--seed`` give the
@@ -29,9 +29,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from util.dataset import IMAGE_EXTENSIONS, DataError, load_image, load_label, read_names  # noqa: E402
-from util.preparation import (LabelError, default_workers, files_by_stem, log, pair_by_stem,  # noqa: E402
-                              run_parallel, write_list)
+from util.data.dataset import IMAGE_EXTENSIONS, load_image, load_label, read_names  # noqa: E402
+from util.data.preparation import (  # noqa: E402
+    LabelError,
+    default_workers,
+    files_by_stem,
+    log,
+    pair_by_stem,
+    run_parallel,
+    write_list,
+)
+from util.errors import DataError  # noqa: E402
 
 
 def check_pair(job: tuple) -> np.ndarray:

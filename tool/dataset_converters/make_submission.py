@@ -12,7 +12,7 @@ never predicts).
 
 Every prediction is checked before anything is written: a missing prediction, one whose size differs
 from its image, or one with ids >= classes is an error naming the files (exit status 1, nothing
-written). Outputs are written atomically (util/preparation.py), with progress and an ETA on stderr.
+written). Outputs are written atomically (util/data/preparation.py), with progress and an ETA on stderr.
 """
 from __future__ import annotations
 
@@ -24,10 +24,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from util.cli import exit_with  # noqa: E402
-from util.config import ConfigError, parse_cli  # noqa: E402
-from util.dataset import DataError, load_label, output_names, read_list_entries  # noqa: E402
-from util.preparation import LabelError, default_workers, log, run_parallel, write_atomically  # noqa: E402
+from util.config import parse_cli  # noqa: E402
+from util.data.dataset import load_label, output_names, read_list_entries  # noqa: E402
+from util.data.preparation import LabelError, default_workers, log, run_parallel, write_atomically  # noqa: E402
+from util.errors import (
+    ConfigError,  # noqa: E402
+    DataError,  # noqa: E402
+)
+from util.runtime.cli import exit_with  # noqa: E402
 
 # Errors quoted in full before the rest are summarised.
 MAX_SHOWN = 20

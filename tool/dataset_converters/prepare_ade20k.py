@@ -12,7 +12,7 @@ annotation value 0 is "other" and 1..150 are the classes. This writes
 * ROOT/list/testing.txt when the official test images are unpacked in ROOT (release_test.zip ->
   ROOT/release_test/testing/*.jpg): ``release_test/testing/NAME.jpg`` lines, images only.
 
-Re-runnable and safe to interrupt (util/preparation.py): finished labels are skipped, outputs are
+Re-runnable and safe to interrupt (util/data/preparation.py): finished labels are skipped, outputs are
 written atomically, lists are rewritten only when they change. Images without a label and labels
 without an image are warnings and left out. A label that is unreadable, not single-channel or holds
 values > 150 is an error naming the file: it is left out and the exit status is 1. A ROOT without
@@ -28,8 +28,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from util.preparation import (IGNORE_LABEL, convert_labels, files_by_stem, missing_folders, pair_by_stem,  # noqa: E402
-                              read_label_png, remap, run_preparation, write_list)
+from util.data.preparation import (  # noqa: E402
+    IGNORE_LABEL,
+    convert_labels,
+    files_by_stem,
+    missing_folders,
+    pair_by_stem,
+    read_label_png,
+    remap,
+    run_preparation,
+    write_list,
+)
 
 SPLITS = ("training", "validation")
 NUM_CLASSES = 150

@@ -11,7 +11,7 @@ ROOT is the folder where leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zi
 * ``ROOT/list/train.txt`` and ``ROOT/list/val.txt``: ``leftImg8bit/... gtFine/..._labelTrainIds.png`` lines
   (relative to ROOT, the data_root), and ``ROOT/list/test.txt`` (images only) when leftImg8bit/test exists.
 
-Re-runnable and safe to interrupt (util/preparation.py: finished labels are skipped, outputs are written
+Re-runnable and safe to interrupt (util/data/preparation.py: finished labels are skipped, outputs are written
 atomically, lists rewritten only when they change). A labelIds file that is unreadable, not single-channel
 or holds ids above 33 is an error naming the file (left out, exit status 1); a ROOT without the expected
 folders is status 2. Progress lines with an ETA go to stderr.
@@ -26,8 +26,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from util.preparation import (IGNORE_LABEL, convert_labels, files_by_stem, missing_folders, pair_by_stem,  # noqa: E402
-                              read_label_png, remap, run_preparation, write_list)
+from util.data.preparation import (  # noqa: E402
+    IGNORE_LABEL,
+    convert_labels,
+    files_by_stem,
+    missing_folders,
+    pair_by_stem,
+    read_label_png,
+    remap,
+    run_preparation,
+    write_list,
+)
 
 LABELLED_SPLITS = ("train", "val")
 TEST_SPLIT = "test"

@@ -17,7 +17,7 @@ accepted too). This writes
   ROOT, the data_root).
 
 Reading SBD's .mat files needs scipy (``pip install -r requirements-datasets.txt``). Re-runnable and safe to
-interrupt (util/preparation.py). A listed image without a picture or a label is a warning and left out; a
+interrupt (util/data/preparation.py). A listed image without a picture or a label is a warning and left out; a
 label that is unreadable or holds values outside 0..20 (and 255 for VOC) is an error naming the file (left
 out, exit status 1); a ROOT or SBD_ROOT without the expected files is status 2.
 """
@@ -31,8 +31,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from util.preparation import (IGNORE_LABEL, LabelError, convert_labels, log, read_label_png, remap,  # noqa: E402
-                              run_preparation, write_list)
+from util.data.preparation import (  # noqa: E402
+    IGNORE_LABEL,
+    LabelError,
+    convert_labels,
+    log,
+    read_label_png,
+    remap,
+    run_preparation,
+    write_list,
+)
 
 NUM_CLASSES = 21  # background + 20 object classes
 OUTPUT_DIR = "SegmentationClassAug"

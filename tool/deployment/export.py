@@ -7,7 +7,7 @@ The file holds the eval-mode network with BatchNorm folded into the convolutions
 float32 ``N x 3 x test_h x test_w`` images in, logits out, any batch size N, only that height and
 width (the window the sliding-window test feeds; other sizes are refused). ONNX goes through
 ``torch.onnx.export(..., dynamo=True)`` at a fixed opset. Its metadata names the classes, the
-mean/std and the input size (see util/deploy.py). Before the file is written, it is run
+mean/std and the input size (see util/evaluation/deploy.py). Before the file is written, it is run
 (onnxruntime / ``torch.jit.load``) beside the PyTorch model on batches of ``--check-batches``
 sizes; the max relative logit difference and the argmax agreement are printed, and nothing is
 written when they disagree beyond float tolerance.
@@ -27,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from util.cli import exit_with  # noqa: E402
-from util.config import ConfigError, load_cfg  # noqa: E402
-from util.deploy import FORMAT_SUFFIXES, describe_check, export_metadata, export_model  # noqa: E402
+from util.config import load_cfg  # noqa: E402
+from util.errors import ConfigError  # noqa: E402
+from util.evaluation.deploy import FORMAT_SUFFIXES, describe_check, export_metadata, export_model  # noqa: E402
+from util.runtime.cli import exit_with  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]]):
@@ -57,8 +58,8 @@ def parse_args(argv: Optional[Sequence[str]]):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from model import build_model, output_size
-    from util.checkpoint import load_model_weights
-    from util.inference import prepare_inference_model
+    from util.evaluation.inference import prepare_inference_model
+    from util.runtime.checkpoint_io import load_model_weights
 
     args, overrides = parse_args(argv)
     cfg = load_cfg(args.config, overrides)
@@ -80,7 +81,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     start = time.perf_counter()
     checks = export_model(network, args.format, args.output, input_size, metadata, reference=reference,
                           batch_sizes=args.check_batches)
-    print(f"=> self-check against PyTorch (BatchNorm not folded):")
+    print("=> self-check against PyTorch (BatchNorm not folded):")
     for check in checks:
         print(f"   {describe_check(check)}")
     size_mb = os.path.getsize(args.output) / 1e6

@@ -10,17 +10,16 @@ import torch
 from torch import nn
 
 from .measure import log
-from .workload import prepare_eval_model, training_dataset, training_parts
 from .training import step_options
+from .workload import prepare_eval_model, training_dataset, training_parts
 
 
 def run_agreement(cfg, images: int, model: nn.Module, device: torch.device) -> Dict:
     """Fraction of pixels where bf16 and fp32 predictions agree (test settings of the config), on
     ``images`` real images spread over cfg.val_list (else test_list)."""
-    from util.dataset import load_image, read_list
-    from util.engine import evenly_spaced_subset
-    from util.inference import inference_kwargs, predict_multiscale
-    from util.precision import autocast_dtype_for
+    from util.data.dataset import evenly_spaced_subset, load_image, read_list
+    from util.engine.precision import autocast_dtype_for
+    from util.evaluation.inference import inference_kwargs, predict_multiscale
 
     list_path = cfg.val_list or cfg.test_list
     if not list_path or not os.path.isfile(list_path):
@@ -52,8 +51,8 @@ def run_loss_curve(cfg, steps: int, device: torch.device) -> Dict:
     runs: fp32, bf16, and fp32 again with other dropout masks. The last one measures the run-to-run
     noise that the bf16-vs-fp32 difference is to be judged against."""
     from model import build_model
-    from util import engine
-    from util.checkpoint import load_pretrained_backbone
+    from util.engine import training
+    from util.runtime.checkpoint_io import load_pretrained_backbone
 
     dataset = training_dataset(cfg)
     if dataset is None:
@@ -77,7 +76,7 @@ def run_loss_curve(cfg, steps: int, device: torch.device) -> Dict:
         options = step_options(cfg, precision, device)
         losses = []
         for index, item in enumerate(batches):
-            stats = engine.train_one_epoch(train_model, [item], criterion, optimizer, scheduler, device, index,
+            stats = training.train_iterations(train_model, [item], criterion, optimizer, scheduler, device, index,
                                            **options)
             losses.append(stats["loss"])
         curves[run_name] = losses

@@ -21,7 +21,8 @@ def add_common_options(parser) -> None:
     parser.add_argument("--markdown", default=None, metavar="FILE",
                         help="also write a Markdown table of the main numbers to FILE (for the README)")
     parser.add_argument("--default-malloc", action="store_true",
-                        help="leave glibc malloc as it is (the tools apply util.perf.keep_freed_memory_for_reuse)")
+                        help="leave glibc malloc as it is "
+                             "(the tools apply util.runtime.perf.keep_freed_memory_for_reuse)")
 
 
 def split_overrides(parser, argv) -> Tuple[object, list]:
@@ -36,8 +37,8 @@ def split_overrides(parser, argv) -> Tuple[object, list]:
 def start(args, overrides: Sequence[str]):
     """(cfg, device, allocator tuned?) as tool/train.py and tool/test.py start (measure what they run)."""
     from util.config import load_cfg
-    from util.misc import select_device
-    from util.perf import keep_freed_memory_for_reuse
+    from util.runtime.distributed import select_device
+    from util.runtime.perf import keep_freed_memory_for_reuse
 
     cfg = load_cfg(args.config, list(overrides))
     malloc_tuned = False if args.default_malloc else keep_freed_memory_for_reuse()

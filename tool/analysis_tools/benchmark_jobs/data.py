@@ -2,7 +2,7 @@
 cfg.batch_size, real files of cfg.train_list with the training augmentation) measured twice:
 
 * alone: samples/s of the loader;
-* through the real training step: ``util.engine.train_one_epoch`` (the config's loss, optimiser
+* through the real training step: ``util.engine.training.train_iterations`` (the config's loss, optimiser
   and schedule, cfg.precision) fed by the loader, against the same step fed the same number of
   batches already in memory. ``loading_slowdown`` = fed-by-loader seconds / in-memory seconds - 1
   is what data loading costs a real run (0: the loader keeps up; its workers share the CPU
@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from .measure import log, synchronize, warm_up
-from .workload import training_dataset, training_parts
 from .training import TRAIN_WARMUP_MAX, step_options
+from .workload import training_dataset, training_parts
 
 
 class _Batches:
@@ -50,7 +50,7 @@ def run_data(cfg, args, model: nn.Module, device: torch.device) -> Dict:
     dataset = training_dataset(cfg)
     if dataset is None:
         return {"skipped": f"train_list {cfg.train_list} not found"}
-    from util import engine
+    from util.engine import training
 
     workers, batch, count = int(cfg.workers), int(cfg.batch_size), int(args.data_batches)
     precision = cfg.get("precision") or "fp32"
@@ -73,7 +73,7 @@ def run_data(cfg, args, model: nn.Module, device: torch.device) -> Dict:
     options = step_options(cfg, precision, device)
 
     def epoch(source):
-        engine.train_one_epoch(train_model, source, criterion, optimizer, scheduler, device, 0, **options)
+        training.train_iterations(train_model, source, criterion, optimizer, scheduler, device, 0, **options)
 
     section["warmup_steps"] = warm_up(lambda: epoch(in_memory[:1]), device, max_calls=TRAIN_WARMUP_MAX)
     timings = {}

@@ -1,5 +1,5 @@
-"""The sliding-window test of tool/test.py (``util.inference.predict_multiscale`` on the model
-``util.inference.load_inference_model`` builds) on one synthetic image: s/image and utilisation
+"""The sliding-window test of tool/test.py (``util.evaluation.inference.predict_multiscale`` on the model
+``util.evaluation.inference.load_inference_model`` builds) on one synthetic image: s/image and utilisation
 per precision."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from .workload import eval_settings, prepare_eval_model, synthetic_image
 def eval_crop_count(image_size: Tuple[int, int], crop: Tuple[int, int], scales: Sequence[float],
                     base_size: Optional[int], flip: bool = True) -> int:
     """Model inputs (windows x flips over all scales) of one sliding-window test of one image."""
-    from util.inference import scaled_size, window_starts, window_stride
+    from util.evaluation.inference import scaled_size, window_starts, window_stride
 
     total = 0
     for scale in scales:
@@ -29,8 +29,8 @@ def eval_crop_count(image_size: Tuple[int, int], crop: Tuple[int, int], scales: 
 
 def predict_kwargs(cfg, args, precision: Optional[str]) -> Dict:
     """Keyword arguments of ``predict_multiscale`` for the timed test in ``precision``."""
-    from util.precision import autocast_dtype_for
-    from util.transforms import MEAN, STD
+    from util.data.transforms import MEAN, STD
+    from util.engine.precision import autocast_dtype_for
 
     crop, scales, base_size = eval_settings(cfg, args)
     return dict(num_classes=int(cfg.classes), crop_size=crop, scales=scales, base_size=base_size,
@@ -41,7 +41,7 @@ def predict_kwargs(cfg, args, precision: Optional[str]) -> Dict:
 def time_prediction(model: nn.Module, image, kwargs: Dict, args, device: torch.device, gflop: float,
                     limit: Optional[float]) -> Tuple[Dict, torch.Tensor]:
     """Time ``predict_multiscale(model, image, **kwargs)``; (timing record, the prediction on the CPU)."""
-    from util.inference import predict_multiscale
+    from util.evaluation.inference import predict_multiscale
 
     holder = {}
 
@@ -68,7 +68,8 @@ def run_eval(cfg, args, model: nn.Module, device: torch.device, precisions: Sequ
                "flip": True, "window_batch": kwargs["batch_size"], "channels_last": bool(cfg.get("channels_last")),
                "compile": bool(cfg.get("compile")), "crops_per_image": crops, "gflop_per_crop": crop_gflop,
                "gflop_per_image": gflop}
-    log("eval: preparing the model as tool/test.py does" + (" (torch.compile with freezing)" if cfg.get("compile") else ""))
+    compiled = " (torch.compile with freezing)" if cfg.get("compile") else ""
+    log("eval: preparing the model as tool/test.py does" + compiled)
     eval_model = prepare_eval_model(model, cfg, device)
     image = synthetic_image(*image_size)
     predictions = {}

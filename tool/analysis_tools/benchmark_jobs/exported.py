@@ -1,5 +1,5 @@
 """The same sliding-window test through onnxruntime: the benchmark's model exported to ONNX at the
-window size (util.deploy, as tool/deployment/export.py writes it), timed on the same image in
+window size (util.evaluation.deploy, as tool/deployment/export.py writes it), timed on the same image in
 fp32, right after the PyTorch fp32 test of the same run."""
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ def run_onnxruntime(cfg, args, model: nn.Module, device: torch.device, section: 
     except ImportError:
         return {"skipped": "onnxruntime/onnxscript not installed (pip install -r requirements-export.txt)"}
     from model import output_size
-    from util.deploy import export_metadata, export_model, load_exported_model
-    from util.inference import prepare_inference_model
+    from util.evaluation.deploy import export_metadata, export_model, load_exported_model
+    from util.evaluation.inference import prepare_inference_model
 
     crop, _, _ = eval_settings(cfg, args)
     network = prepare_inference_model(copy.deepcopy(model).cpu(), torch.device("cpu"), channels_last=False)

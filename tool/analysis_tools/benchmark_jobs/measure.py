@@ -78,7 +78,7 @@ def time_calls(fn: Callable[[], object], repeats: int, device: torch.device, war
 def matmul_rate(precision: str, device: torch.device, size: int, repeats: int) -> Dict:
     """GFLOP/s of a ``size``^3 matmul (2 size^3 FLOP) in the dtype of ``precision`` (fp32: float32,
     else its autocast dtype): the machine's arithmetic limit for that precision."""
-    from util.precision import autocast_dtype_for
+    from util.engine.precision import autocast_dtype_for
 
     dtype = autocast_dtype_for(precision) or torch.float32
     generator = torch.Generator(device="cpu").manual_seed(0)

@@ -6,9 +6,9 @@ from typing import Dict
 
 import torch
 
+from .evaluation import eval_crop_count
 from .measure import GIB, log, peak_rss_gib, run_child, synchronize
 from .workload import eval_settings, prepare_eval_model, synthetic_image
-from .evaluation import eval_crop_count
 
 MEMORY_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 LIMIT_GIB = 8.0
@@ -17,9 +17,9 @@ LIMIT_GIB = 8.0
 def memory_job(cfg, args, device: torch.device) -> Dict:
     """The child's job: the test of a ``--memory-image-size`` image at the six MEMORY_SCALES."""
     from model import build_model
-    from util.inference import predict_multiscale
-    from util.precision import autocast_dtype_for
-    from util.transforms import MEAN, STD
+    from util.data.transforms import MEAN, STD
+    from util.engine.precision import autocast_dtype_for
+    from util.evaluation.inference import predict_multiscale
 
     cfg.classes = int(args.memory_classes)
     precision = args.memory_precision or cfg.precision
@@ -49,5 +49,6 @@ def run_memory_check(script: str, args, overrides, device: torch.device) -> Dict
     check = run_child(script, args, overrides, device, ["--memory-job"])
     if "error" not in check:
         check["limit_gib"] = LIMIT_GIB
-        check["under_limit"] = check["peak_rss_gib"] < LIMIT_GIB and check.get("cuda_max_allocated_gib", 0.0) < LIMIT_GIB
+        check["under_limit"] = (check["peak_rss_gib"] < LIMIT_GIB
+                                and check.get("cuda_max_allocated_gib", 0.0) < LIMIT_GIB)
     return check

@@ -31,7 +31,7 @@ def naive_job(cfg, args, device: torch.device) -> Dict:
     """The child's job: time the release loop with the benchmark's weights (same seed or model_path);
     the argmax prediction goes to ``args.naive_job`` (.npy)."""
     from model import build_model
-    from util.transforms import MEAN, STD
+    from util.data.transforms import MEAN, STD
 
     release_predict = release_predict_fn()
     crop, scales, base_size = eval_settings(cfg, args)

@@ -34,13 +34,15 @@ def benchmark_table(result: Dict) -> str:
         return [fmt(section[p]) if p in section else "" for p in columns]
 
     lines = _header(result, columns)
-    lines.append(_row("matmul 4096^3, GFLOP/s at the start (the limit)", [f"{matmul[p]['gflops']:.0f}" for p in columns]))
+    lines.append(_row("matmul 4096^3, GFLOP/s at the start (the limit)",
+                      [f"{matmul[p]['gflops']:.0f}" for p in columns]))
     ev = result.get("eval")
     if ev:
         where = (f"{ev['image_size'][0]}x{ev['image_size'][1]} image, scales {ev['scales']}, {ev['crops_per_image']} "
                  f"crops of {ev['crop'][0]} ({ev['gflop_per_image']:.0f} GFLOP)"
                  + (", torch.compile with freezing" if ev.get("compile") else ""))
-        lines.append(_row(f"sliding-window test, s/image ({where})", per(ev, lambda r: f"{r['seconds_per_image']:.2f}")))
+        lines.append(_row(f"sliding-window test, s/image ({where})",
+                          per(ev, lambda r: f"{r['seconds_per_image']:.2f}")))
         lines.append(_row("sliding-window test, utilisation (of the matmul rate just before it)",
                           per(ev, lambda r: _pct(r["utilisation"]))))
         lines.append(_row("matmul GFLOP/s just before the sliding-window test",
@@ -59,7 +61,8 @@ def benchmark_table(result: Dict) -> str:
                                   first(f"{100 * ort['equal_pytorch_fp32_fraction']:.3f} %")))
         naive = ev.get("naive_fp32") or {}
         if "seconds_per_image" in naive:
-            lines.append(_row("release-style loop (1 window/forward, NCHW), s/image", first(f"{naive['seconds_per_image']:.2f}")))
+            lines.append(_row("release-style loop (1 window/forward, NCHW), s/image",
+                              first(f"{naive['seconds_per_image']:.2f}")))
             lines.append(_row("speed-up over the release-style loop",
                               [f"{naive['speedup_' + p]:.1f}x" if naive.get("speedup_" + p) else "" for p in columns]))
             if "fp32_equal_naive_fraction" in naive:
@@ -69,8 +72,10 @@ def benchmark_table(result: Dict) -> str:
     if tr:
         lines.append(_row(f"training, images/s (batch {tr['batch']}, {tr['crop'][0]}x{tr['crop'][1]}, "
                           f"{tr['gflop_per_step']:.0f} GFLOP/step)", per(tr, lambda r: f"{r['images_per_s']:.2f}")))
-        lines.append(_row("training, utilisation (of the matmul rate just before it)", per(tr, lambda r: _pct(r["utilisation"]))))
-        lines.append(_row("matmul GFLOP/s just before the training steps", per(tr, lambda r: f"{r['matmul_gflops_before']:.0f}")))
+        lines.append(_row("training, utilisation (of the matmul rate just before it)",
+                          per(tr, lambda r: _pct(r["utilisation"]))))
+        lines.append(_row("matmul GFLOP/s just before the training steps",
+                          per(tr, lambda r: f"{r['matmul_gflops_before']:.0f}")))
     data = result.get("data") or {}
     if "samples_per_s" in data:
         where = f"{data['workers']} workers, batch {data['batch']}, {data['crop'][0]}x{data['crop'][1]}"
@@ -81,7 +86,8 @@ def benchmark_table(result: Dict) -> str:
     memory = result.get("memory_check") or {}
     if "peak_rss_gib" in memory:
         lines.append(_row(f"peak memory, six-scale test of {memory['image_size'][1]}x{memory['image_size'][0]} "
-                          f"({memory['classes']} classes, {memory['precision']}), GiB", first(f"{memory['peak_rss_gib']:.2f}")))
+                          f"({memory['classes']} classes, {memory['precision']}), GiB",
+                          first(f"{memory['peak_rss_gib']:.2f}")))
     lines.append(_row("peak memory of the benchmark process, GiB", first(f"{result['peak_memory']['rss_gib']:.2f}")))
     return "\n".join(lines)
 

@@ -1,4 +1,4 @@
-"""Training steps: ``util.engine.train_one_epoch`` (the loop tool/train.py runs, with the loss,
+"""Training steps: ``util.engine.training.train_iterations`` (the loop tool/train.py runs, with the loss,
 optimiser and schedule of the config's builders) on random crops: images/s and utilisation."""
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def random_batches(cfg, count: int, batch: int, crop: Tuple[int, int], seed: int
 
 def step_options(cfg, precision: str, device: torch.device) -> Dict:
     """The keyword arguments of ``train_one_epoch`` for ``precision``, as tool/train.py passes them."""
-    from util.precision import autocast_dtype_for
+    from util.engine.precision import autocast_dtype_for
 
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     return dict(num_classes=int(cfg.classes), ignore_index=cfg.ignore_label,
@@ -37,7 +37,7 @@ def step_options(cfg, precision: str, device: torch.device) -> Dict:
 
 def run_train(cfg, args, model: nn.Module, device: torch.device, precisions: Sequence[str],
               limit_now: Callable[[str], float]) -> Dict:
-    from util import engine
+    from util.engine import training
 
     crop = size_pair(args.train_crop, (cfg.train_h, cfg.train_w))
     batch = args.train_batch
@@ -51,13 +51,13 @@ def run_train(cfg, args, model: nn.Module, device: torch.device, precisions: Seq
         _, train_model, criterion, optimizer, scheduler = training_parts(cfg, model, device, len(timed))
         options = step_options(cfg, precision, device)
 
-        def warm_step():
-            engine.train_one_epoch(train_model, warm, criterion, optimizer, scheduler, device, 0, **options)
+        def warm_step(train_model=train_model, optimizer=optimizer, scheduler=scheduler):
+            training.train_iterations(train_model, warm, criterion, optimizer, scheduler, device, 0, **options)
 
         warmup_steps = warm_up(warm_step, device, max_calls=TRAIN_WARMUP_MAX)
         limit = limit_now(precision)
         start = time.perf_counter()
-        stats = engine.train_one_epoch(train_model, timed, criterion, optimizer, scheduler, device, 1, **options)
+        stats = training.train_iterations(train_model, timed, criterion, optimizer, scheduler, device, 1, **options)
         synchronize(device)
         seconds = (time.perf_counter() - start) / len(timed)
         section[precision] = {"seconds_per_step": seconds, "warmup_steps": warmup_steps, "matmul_gflops_before": limit,

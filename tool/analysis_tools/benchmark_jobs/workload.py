@@ -29,7 +29,7 @@ def eval_settings(cfg, args) -> Tuple[Tuple[int, int], List[float], Optional[int
 
 def load_weights_or_warn(cfg, model: nn.Module, warnings: List[str]) -> Optional[str]:
     """Load ``cfg.model_path`` when it exists; otherwise keep random weights and add a warning."""
-    from util.checkpoint import load_model_weights
+    from util.runtime.checkpoint_io import load_model_weights
 
     path = cfg.get("model_path")
     if path and os.path.isfile(path):
@@ -42,9 +42,9 @@ def load_weights_or_warn(cfg, model: nn.Module, warnings: List[str]) -> Optional
 
 
 def prepare_eval_model(model: nn.Module, cfg, device: torch.device) -> nn.Module:
-    """As ``util.inference.load_inference_model`` (tool/test.py's model): a copy on ``device``, eval
+    """As ``util.evaluation.inference.load_inference_model`` (tool/test.py's model): a copy on ``device``, eval
     mode, BatchNorm folded, channels_last and ``compile`` per cfg."""
-    from util.inference import prepare_inference_model
+    from util.evaluation.inference import prepare_inference_model
 
     return prepare_inference_model(copy.deepcopy(model), device, channels_last=bool(cfg.get("channels_last")),
                                    compile=bool(cfg.get("compile")))
@@ -64,8 +64,8 @@ def training_parts(cfg, model: nn.Module, device: torch.device, iters_per_epoch:
     """(model, train_model, criterion, optimizer, scheduler) for timing: a train-mode copy of ``model``
     on ``device`` (channels_last per cfg; ``train_model`` is it under torch.compile when cfg.compile),
     with the loss, optimiser and schedule of ``cfg`` from the builders tool/train.py uses."""
-    from util.losses import build_criterion
-    from util.optim import build_optimizer, build_scheduler
+    from util.engine.losses import build_criterion
+    from util.engine.optim import build_optimizer, build_scheduler
 
     model = copy.deepcopy(model).to(device)
     memory_format = torch.channels_last if cfg.get("channels_last") else torch.contiguous_format
@@ -80,8 +80,8 @@ def training_parts(cfg, model: nn.Module, device: torch.device, iters_per_epoch:
 def training_dataset(cfg):
     """The training dataset of ``cfg`` with its augmentation (seed ``manual_seed``), as tool/train.py
     reads it; None when ``train_list`` does not exist."""
-    from util.dataset import SegDataset
-    from util.transforms import build_train_transform
+    from util.data.dataset import SegDataset
+    from util.data.transforms import build_train_transform
 
     if not cfg.train_list or not os.path.isfile(cfg.train_list):
         return None

@@ -12,7 +12,7 @@ Labels are only ever moved with nearest-neighbour sampling and padded with ``ign
 value after the transforms is a value of the input label or ``ignore_label``.
 
 All randomness comes from Python's ``random`` module, so seeding ``random`` per sample (as
-``util.dataset.SegDataset`` does) makes augmentation reproducible.
+``util.data.dataset.SegDataset`` does) makes augmentation reproducible.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import cv2
 import numpy as np
 import torch
 
-from model.registry import Registry
 from util.config import register_keys, require
+from util.registry import Registry
 
 # ImageNet statistics on the 0..255 scale, RGB order (the release's constants).
 MEAN: list[float] = [0.485 * 255, 0.456 * 255, 0.406 * 255]
@@ -377,7 +377,8 @@ register_train_transform = TRAIN_TRANSFORMS.register
 def _check_keys(cfg) -> None:
     require(cfg.scale_min > 0 and cfg.scale_min <= cfg.scale_max,
             f"need 0 < scale_min <= scale_max, got {cfg.scale_min} and {cfg.scale_max}")
-    require(cfg.rotate_min <= cfg.rotate_max, f"need rotate_min <= rotate_max, got {cfg.rotate_min} and {cfg.rotate_max}")
+    require(cfg.rotate_min <= cfg.rotate_max,
+            f"need rotate_min <= rotate_max, got {cfg.rotate_min} and {cfg.rotate_max}")
 
 
 # Degrees as floats: a YAML "-10" loads as -10.0, and "rotate_min -7.5" is accepted.

@@ -23,25 +23,23 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import cv2
 import numpy as np
 import torch.utils.data
 
+from util.errors import DataError
+
 __all__ = [
-    "DataError", "ListEntry", "read_list", "read_list_entries", "check_listed_files", "output_names", "load_image", "load_label", "SegDataset",
-    "read_names", "read_colors", "IMAGE_EXTENSIONS",
+    "ListEntry", "read_list", "read_list_entries", "check_listed_files", "output_names", "load_image", "load_label",
+    "SegDataset", "read_names", "read_colors", "evenly_spaced_subset", "IMAGE_EXTENSIONS",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 
 # How many offending label values to quote in an error message.
 _MAX_VALUES_SHOWN = 10
-
-
-class DataError(ValueError):
-    """A problem with the data on disk (list file, image or label), with a message saying where."""
 
 
 class ListEntry(NamedTuple):
@@ -93,7 +91,7 @@ def read_list_entries(list_path, data_root, split: str) -> list[ListEntry]:
     """
     list_path = str(list_path)
     if not os.path.isfile(list_path):
-        from util.preparation import missing_list_hint
+        from util.data.preparation import missing_list_hint
 
         raise DataError(f"list file not found: {list_path}{missing_list_hint(list_path)}")
     try:
@@ -378,3 +376,14 @@ def read_colors(path, num_classes: Optional[int] = None) -> np.ndarray:
     if num_classes is not None and len(colors) != num_classes:
         raise DataError(f"colors file {path} has {len(colors)} colors but {num_classes} classes are expected")
     return colors
+
+
+def evenly_spaced_subset(length: int, max_items: int) -> List[int]:
+    """``max_items`` indices spread evenly over ``range(length)`` (first and last included; all of
+    them when ``max_items`` is 0 or >= ``length``): a fixed, reproducible subset that samples every
+    part of a list, e.g. every sequence of a video dataset, not only its first frames."""
+    if not max_items or max_items >= length:
+        return list(range(length))
+    if max_items == 1:
+        return [0]
+    return sorted({round(i * (length - 1) / (max_items - 1)) for i in range(max_items)})

@@ -9,7 +9,7 @@ silently wrong at them. Its metadata (:func:`export_metadata`) names the classes
 the input size, so a user outside this repository knows what to feed it.
 
 :func:`load_exported_model` returns an ``nn.Module`` whose ``forward`` runs the file (onnxruntime
-for ``.onnx``, ``torch.jit.load`` for ``.torchscript``), so ``util.inference``'s sliding-window,
+for ``.onnx``, ``torch.jit.load`` for ``.torchscript``), so ``util.evaluation.inference``'s sliding-window,
 multi-scale, flipped prediction runs on it unchanged, and ``tool/test.py`` / ``tool/demo.py``
 take an exported file as ``model_path`` (:func:`is_exported_model`, by extension).
 
@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from util.checkpoint import CheckpointError
+from util.errors import CheckpointError
 
 # The extension is the format: tool/test.py and tool/demo.py pick the runtime by it.
 FORMAT_SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript"}
@@ -68,8 +68,8 @@ def export_metadata(cfg, input_size: Tuple[int, int], output_size: Tuple[int, in
                     source: Optional[str] = None) -> Dict[str, str]:
     """String key -> string value pairs written into the file (ONNX ``metadata_props``; the
     TorchScript archive's ``metadata.json``). Lists are JSON."""
-    from util.transforms import MEAN, STD
-    from util.visualize import config_class_names
+    from util.data.transforms import MEAN, STD
+    from util.evaluation.visualize import config_class_names
 
     height, width = input_size
     metadata = {
@@ -111,7 +111,7 @@ def parse_metadata(metadata: Dict[str, str], path) -> Dict:
 def check_matches_config(metadata: Dict, cfg, path) -> None:
     """ExportedModelError when the file was exported for other classes, another normalisation or
     another window size than ``cfg`` asks for (test_h x test_w is the size the sliding window feeds)."""
-    from util.transforms import MEAN, STD
+    from util.data.transforms import MEAN, STD
 
     if metadata["classes"] != int(cfg.classes):
         raise ExportedModelError(f"{path} predicts {metadata['classes']} classes but the config has classes "
@@ -125,7 +125,8 @@ def check_matches_config(metadata: Dict, cfg, path) -> None:
     for key, expected in (("mean", MEAN), ("std", STD)):
         if any(abs(float(a) - float(b)) > 1e-6 for a, b in zip(metadata[key], expected)) or \
                 len(metadata[key]) != len(expected):
-            raise ExportedModelError(f"{path} expects {key} {metadata[key]}, this code normalises with {list(expected)}")
+            raise ExportedModelError(f"{path} expects {key} {metadata[key]}, "
+                                     f"this code normalises with {list(expected)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +142,7 @@ def _temporary_beside(path: str) -> str:
 def export_model(model: nn.Module, fmt: str, output, input_size: Tuple[int, int], metadata: Dict[str, str],
                  reference: Optional[nn.Module] = None,
                  batch_sizes: Sequence[int] = CHECK_BATCH_SIZES) -> List[Dict]:
-    """Write the eval-mode ``model`` (BatchNorm already folded: ``util.inference.prepare_inference_model``)
+    """Write the eval-mode ``model`` (BatchNorm already folded: ``util.evaluation.inference.prepare_inference_model``)
     to ``output`` in ``fmt`` ("onnx" | "torchscript") for ``input_size`` (H, W) inputs with a free
     batch size, with ``metadata``; return the self-check (:func:`compare_with_reference`).
 
@@ -347,5 +348,5 @@ def compare_with_reference(exported: nn.Module, reference: nn.Module, input_size
 
 
 __all__ = ["FORMAT_SUFFIXES", "ONNX_OPSET", "RELATIVE_TOLERANCE", "ExportedModel", "ExportedModelError",
-           "check_matches_config", "compare_with_reference", "describe_check", "export_metadata", "export_model", "format_of",
-           "is_exported_model", "load_exported_model", "parse_metadata"]
+           "check_matches_config", "compare_with_reference", "describe_check", "export_metadata", "export_model",
+           "format_of", "is_exported_model", "load_exported_model", "parse_metadata"]

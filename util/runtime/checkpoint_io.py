@@ -10,7 +10,7 @@
   bare state dicts, and keys with or without ``module.`` (DDP) / ``_orig_mod.`` (torch.compile)
   prefixes are all accepted.
 
-What a training run keeps (file names, pruning, resume, content) is util/training_checkpoints.py.
+What a training run keeps (file names, pruning, resume, content) is util/engine/checkpoints.py.
 """
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ from typing import Any, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from util.errors import CheckpointError
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 # Prefixes added by wrappers: DistributedDataParallel / DataParallel, and torch.compile.
@@ -32,10 +34,6 @@ BACKBONE_PREFIXES = ("layer0.", "layer1.", "layer2.", "layer3.", "layer4.")
 # ImageNet classification layout -> segmentation layout (the stem becomes layer0).
 IMAGENET_RENAMES = (("conv1.", "layer0.0."), ("bn1.", "layer0.1."))
 MAX_LISTED_KEYS = 10
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message is one line naming the file and the problem."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,7 +380,7 @@ def _fsync_directory(directory: str) -> None:
         os.close(descriptor)
 
 
-__all__ = ["CheckpointError", "load_checkpoint_file", "extract_state_dict", "strip_wrapper_prefixes",
-           "add_module_prefix", "unwrap_model", "describe_mismatch", "load_model_weights", "load_weights_for_fine_tuning",
+__all__ = ["load_checkpoint_file", "extract_state_dict", "strip_wrapper_prefixes", "add_module_prefix",
+           "unwrap_model", "describe_mismatch", "load_model_weights", "load_weights_for_fine_tuning",
            "imagenet_to_segmentation_keys", "load_pretrained_backbone", "save_checkpoint",
            "remove_stale_temporaries"]

@@ -32,8 +32,8 @@ from typing import Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
-from model.registry import Registry
 from util.config import check_choice, register_keys, require
+from util.registry import Registry
 
 HEAD_LR_MULT = 10.0
 

@@ -4,8 +4,8 @@ shell wrappers (which only call them) all follow these rules, so an override suc
 
 A run is the directory ``save_path`` that tool/train.py fills:
 
-* ``train_epoch_N.pth`` / ``best_mIoU.pth`` (util.training_checkpoints), and for every start of train.py a log
-  ``train-STAMP.log`` and the effective config ``train-STAMP.yaml`` (after overrides, as the run
+* ``train_epoch_N.pth`` / ``best_mIoU.pth`` (named here, written by util/engine/checkpoints.py), and for every
+  start of train.py a log ``train-STAMP.log`` and the effective config ``train-STAMP.yaml`` (after overrides, as the run
   used it);
 * results of tool/test.py go to ``RUN/result/NAME/SPLIT/ss`` (``ms`` for several scales), where RUN
   is :func:`run_directory` of the checkpoint's folder and NAME the checkpoint's name
@@ -21,11 +21,19 @@ release read them).
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from util.errors import ConfigError
+from util.runtime import distributed
+from util.runtime.checkpoint_io import PathLike
+from util.runtime.cli import StopSignals, TrainingStopped
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RELEASED_WEIGHTS_HINT = "README.md, section 'Released weights'"
 
 # Config keys whose values are file or directory paths.
@@ -102,8 +110,6 @@ def results_folder(model_path: str, split: str, scales: Sequence[float]) -> str:
 
 def run_checkpoint(save_path: str, epochs: int) -> str:
     """The checkpoint a finished run of ``epochs`` epochs ends with (tool/train.py always saves the last epoch)."""
-    from util.training_checkpoints import checkpoint_path
-
     return checkpoint_path(save_path, epochs)
 
 
@@ -117,8 +123,6 @@ def resolve_test_paths(cfg) -> List[str]:
 
     Returns one line per derived key, for the log.
     """
-    from util.training_checkpoints import BEST_CHECKPOINT
-
     derived = []
     if not cfg.get("model_path") and cfg.get("save_path"):
         cfg.model_path = run_checkpoint(cfg.save_path, cfg.epochs)
@@ -158,8 +162,6 @@ def checkpoint_path_problem(key: str, path: str) -> Optional[str]:
     A directory is named as one (with the checkpoints of a run directory listed); a missing
     ImageNet file (``pretrained``) says where it comes from and how to train without it.
     """
-    from util.training_checkpoints import BEST_CHECKPOINT, list_epoch_checkpoints
-
     if os.path.isfile(path):
         return None
     if os.path.isdir(path):
@@ -169,7 +171,8 @@ def checkpoint_path_problem(key: str, path: str) -> Optional[str]:
         if found:
             return (f"{key} {path} is a directory, not a checkpoint file; it holds {', '.join(found)}: "
                     f"give one of them, e.g. {key} {os.path.join(path, found[-1])}")
-        return f"{key} {path} is a directory, not a checkpoint file (it holds no train_epoch_N.pth or {BEST_CHECKPOINT})"
+        return (f"{key} {path} is a directory, not a checkpoint file "
+                f"(it holds no train_epoch_N.pth or {BEST_CHECKPOINT})")
     if key == "resume":
         return (f"resume checkpoint not found: {path} (use 'resume auto' to continue from the newest "
                 f"train_epoch_N.pth in save_path if there is one)")
@@ -193,11 +196,102 @@ def checkpoint_path_problem(key: str, path: str) -> Optional[str]:
 
 def check_checkpoint_paths(cfg, keys: Sequence[str]) -> None:
     """Raise ConfigError for the first of ``keys`` whose (set) value is not a file."""
-    from util.config import ConfigError
-
     for key in keys:
         value = cfg.get(key)
         if value and not (key == "resume" and value == "auto"):
             problem = checkpoint_path_problem(key, value)
             if problem:
                 raise ConfigError(problem)
+
+
+# ---------------------------------------------------------------------------------------------
+# The checkpoint files of a run
+
+EPOCH_CHECKPOINT_PATTERN = re.compile(r"^train_epoch_(\d+)\.pth$")
+# Written when training is stopped by a signal in the middle of epoch E after I of its iterations
+# (the log's "Epoch: [E/..][I/..]"); it holds epoch E - 1 (epochs done) and iteration I.
+MID_EPOCH_CHECKPOINT_PATTERN = re.compile(r"^train_epoch_(\d+)_iter_(\d+)\.pth$")
+BEST_CHECKPOINT = "best_mIoU.pth"
+
+
+def checkpoint_path(save_path: PathLike, epoch: int, iteration: int = 0) -> str:
+    """``save_path/train_epoch_{epoch}.pth`` after ``epoch`` whole epochs; with ``iteration`` > 0 the
+    mid-epoch ``train_epoch_{epoch + 1}_iter_{iteration}.pth`` (``iteration`` done of epoch ``epoch + 1``)."""
+    name = f"train_epoch_{epoch + 1}_iter_{iteration}.pth" if iteration else f"train_epoch_{epoch}.pth"
+    return os.path.join(os.fspath(save_path), name)
+
+
+def list_training_checkpoints(save_path: PathLike) -> List[Tuple[Tuple[int, int], str]]:
+    """``[((epochs done, iterations done in the next epoch), path), ...]`` of every training checkpoint
+    in ``save_path`` (whole-epoch and mid-epoch), oldest first."""
+    save_path = os.fspath(save_path)
+    found = [((epoch, 0), path) for epoch, path in list_epoch_checkpoints(save_path)]
+    if os.path.isdir(save_path):
+        for name in os.listdir(save_path):
+            match = MID_EPOCH_CHECKPOINT_PATTERN.match(name)
+            if match and int(match.group(1)) >= 1:
+                found.append(((int(match.group(1)) - 1, int(match.group(2))), os.path.join(save_path, name)))
+    return sorted(found)
+
+
+def list_epoch_checkpoints(save_path: PathLike) -> List[Tuple[int, str]]:
+    """``[(epoch, path), ...]`` of the ``train_epoch_N.pth`` files in ``save_path``, oldest first."""
+    save_path = os.fspath(save_path)
+    if not os.path.isdir(save_path):
+        return []
+    found = []
+    for name in os.listdir(save_path):
+        match = EPOCH_CHECKPOINT_PATTERN.match(name)
+        if match:
+            found.append((int(match.group(1)), os.path.join(save_path, name)))
+    return sorted(found)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping: where a run stopped and how to continue it
+
+
+@dataclass
+class RunStatus:
+    """Where the run is (updated as it goes), so that a stop can say where it stopped, which
+    checkpoint is the newest and the command that resumes."""
+
+    save_path: str
+    config_path: str
+    opts: List[str] = field(default_factory=list)
+    is_main: bool = True
+    world_size: int = 1
+    epoch: Optional[int] = None  # 1-based epoch being trained or validated
+    epochs: Optional[int] = None
+    stage: str = "setting up"  # "training", "validating", "saving checkpoints", "final validation"
+
+    def where(self) -> str:
+        if self.epoch is None:
+            return f"while {self.stage}"
+        return f"while {self.stage} epoch {self.epoch}/{self.epochs}"
+
+    def resume_command(self) -> str:
+        opts = list(self.opts)
+        kept = []
+        for key, value in zip(opts[0::2], opts[1::2]):
+            if key.lstrip("-") != "resume":
+                kept += [key, value]
+        launcher = ["python"] if self.world_size == 1 else ["torchrun", f"--nproc_per_node={self.world_size}"]
+        script = os.path.relpath(REPO_ROOT / "tool" / "train.py")  # as typed from this directory
+        return shlex.join(launcher + [script, "--config", self.config_path, *kept, "resume", "auto"])
+
+    def stopped_message(self, reason: str = "interrupted") -> str:
+        found = list_training_checkpoints(self.save_path)
+        newest = f"newest checkpoint {found[-1][1]}" if found else f"no checkpoint in {self.save_path} yet"
+        return f"{reason} {self.where()}; {newest}; resume with: {self.resume_command()}"
+
+
+def stop_error(stop: StopSignals, where: str, path: str, status: RunStatus, logger) -> TrainingStopped:
+    """The TrainingStopped every rank raises after a stop signal: each waits for rank 0's checkpoint
+    write, then leaves with 128 + the signal's number.
+    (Rank 0 logs first: srun --kill-on-bad-exit ends the others as soon as one exits.)"""
+    message = (f"{stop.name} received: stopped at {where}; saved {path}; resume with: "
+               f"{status.resume_command()}")
+    logger.info(message)
+    distributed.barrier()
+    return TrainingStopped(message, stop.exit_status)

@@ -1,6 +1,6 @@
 """The ``precision`` setting: its config key, its autocast dtype and the one autocast wrapper.
 
-Training (util/engine.py), inference (util/inference.py) and the benchmarks all turn
+Training (util/engine/training.py), inference (util/evaluation/inference.py) and the benchmarks all turn
 ``precision`` into a dtype with :func:`autocast_dtype_for` and run the model under
 :func:`autocast`, so a new precision is added here and nowhere else.
 """
@@ -11,7 +11,8 @@ from typing import Optional
 
 import torch
 
-from util.config import ConfigError, check_choice, register_keys
+from util.config import check_choice, register_keys
+from util.errors import ConfigError
 
 # precision -> the dtype torch.autocast runs matmuls/convolutions in; None = no autocast (fp32).
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,6 +47,7 @@ def check_device_support(cfg, device_type: str) -> None:
         raise ConfigError("precision fp16 needs a CUDA device (it trains with a gradient scaler on the GPU); "
                           "on the CPU use precision bf16 or fp32")
     # Emulated bf16 (pre-Ampere GPUs) runs, but slower than fp32: only native support counts.
-    if cfg.precision == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+    if (cfg.precision == "bf16" and device_type == "cuda"
+            and not torch.cuda.is_bf16_supported(including_emulation=False)):
         raise ConfigError(f"precision bf16: this GPU ({torch.cuda.get_device_name()}) has no native bfloat16 "
                           f"support (Ampere or newer has); use precision fp16 or fp32")

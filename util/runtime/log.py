@@ -1,13 +1,10 @@
-"""Small helpers shared by the tools: logging, meters, device choice, seeding."""
+"""What the tools print: the logger, progress lines with an ETA, running averages, durations."""
 from __future__ import annotations
 
 import logging
-import random
 import sys
+import time
 from typing import Optional
-
-import numpy as np
-import torch
 
 
 def get_logger(name: str = "pyconvsegnet", rank: int = 0, log_file: Optional[str] = None) -> logging.Logger:
@@ -50,21 +47,6 @@ class AverageMeter:
         self.avg = self.sum / self.count if self.count else 0.0
 
 
-def select_device(requested: Optional[str] = None, local_rank: int = 0) -> torch.device:
-    """The device to run on: ``requested`` if given ("cpu", "cuda", "cuda:1"),
-    else CUDA (``cuda:local_rank``) when available, else the CPU."""
-    if requested:
-        device = torch.device(requested)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device '{requested}' was requested but CUDA is not available on this machine")
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", local_rank)
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
 def format_seconds(seconds: float) -> str:
     """Seconds as H:MM:SS (or D days, H:MM:SS for long runs)."""
     seconds = max(0, int(round(seconds)))
@@ -75,24 +57,33 @@ def format_seconds(seconds: float) -> str:
     return f"{days}d {text}" if days else text
 
 
-def set_seed(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices) from one integer."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
-def rng_state(device: torch.device) -> dict:
-    """torch's random-number state on the CPU (and ``device`` when it is a GPU): what dropout draws from.
-    (Python's and NumPy's are reseeded per sample by the dataset.)"""
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+VAL_LOG_EVERY = 10  # images (or batches) between validation progress lines
 
 
-def restore_rng_state(state: dict, device: torch.device) -> None:
-    """Undo :func:`rng_state`: the draws continue exactly where they were saved."""
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+class ProgressLine:
+    """``[done/total] s/item, elapsed, ETA`` lines every ``every`` items (and after the last one)."""
+
+    def __init__(self, title: str, total: Optional[int], logger: Optional[logging.Logger], every: int = VAL_LOG_EVERY,
+                 unit: str = "image") -> None:
+        self.title, self.total, self.logger, self.every, self.unit = title, total, logger, every, unit
+        self.start = time.time()
+
+    def update(self, done: int, last: bool = False) -> None:
+        """Log after every ``every`` items and the last one; with ``total`` None (a video that does not
+        say its length) the call with ``last`` True logs the count without an ETA."""
+        if self.logger is None or not (done % self.every == 0 or done == self.total or last):
+            return
+        elapsed = time.time() - self.start
+        if self.total is None:
+            self.logger.info(f"{self.title}: [{done}] {elapsed / max(done, 1):.3f} s/{self.unit}, "
+                             f"elapsed {format_seconds(elapsed)}")
+            return
+        remaining = elapsed / done * (self.total - done)
+        self.logger.info(f"{self.title}: [{done}/{self.total}] {elapsed / done:.3f} s/{self.unit}, "
+                         f"elapsed {format_seconds(elapsed)}, ETA {format_seconds(remaining)}")
+
+
+def log_config(cfg, logger: logging.Logger) -> None:
+    logger.info("Config:\n" + "\n".join(f"  {key}: {cfg[key]!r}" for key in sorted(cfg.keys())))

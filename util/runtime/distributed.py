@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler, Sampler
 
-from util.config import ConfigError
+from util.errors import ConfigError
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 SLURM_ENV = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
@@ -419,3 +419,18 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def select_device(requested: Optional[str] = None, local_rank: int = 0) -> torch.device:
+    """The device to run on: ``requested`` if given ("cpu", "cuda", "cuda:1"),
+    else CUDA (``cuda:local_rank``) when available, else the CPU."""
+    if requested:
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device '{requested}' was requested but CUDA is not available on this machine")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank)
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")

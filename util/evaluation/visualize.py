@@ -1,6 +1,6 @@
 """Colour maps, overlays and PNG writing for segmentation outputs (RGB in memory, BGR only at cv2 I/O).
 
-Palettes and class names are read by ``util.dataset.read_colors`` / ``read_names``;
+Palettes and class names are read by ``util.data.dataset.read_colors`` / ``read_names``;
 :func:`config_palette` and :func:`config_class_names` pick them (or defaults) for a config.
 """
 from __future__ import annotations
@@ -63,14 +63,14 @@ def overlay(image_rgb: np.ndarray, color: np.ndarray, alpha: float = 0.5) -> np.
 
 def config_palette(cfg) -> np.ndarray:
     """The (classes, 3) RGB palette of ``cfg.colors_path``, or :func:`default_palette`."""
-    from util.dataset import read_colors
+    from util.data.dataset import read_colors
 
     return read_colors(cfg.colors_path, cfg.classes) if cfg.colors_path else default_palette(cfg.classes)
 
 
 def config_class_names(cfg) -> list:
     """The class names of ``cfg.names_path``, or the class ids as strings."""
-    from util.dataset import read_names
+    from util.data.dataset import read_names
 
     return read_names(cfg.names_path, cfg.classes) if cfg.names_path else [str(c) for c in range(cfg.classes)]
 

@@ -37,7 +37,7 @@ from torch import nn
 
 from model.fold import fold_batchnorm
 from util.config import register_keys
-from util.precision import autocast, autocast_dtype_for
+from util.engine.precision import autocast, autocast_dtype_for
 
 SizeLike = Union[int, Sequence[int]]
 # Upper bound on the float32 logits of one forward of sliding_window_probs (windows per forward are
@@ -325,9 +325,9 @@ register_keys("TEST", {"flip": True})
 def inference_kwargs(cfg, **overrides) -> dict:
     """Keyword arguments of :func:`predict_multiscale` from a config (TEST keys: ``scales``, ``flip``,
     ``base_size``, ``test_h``/``test_w``, ``test_batch_size``; ``classes``, ``precision``; mean/std from
-    util.transforms). The training-time validation passes its own ``scales=cfg.val_scales,
+    util.data.transforms). The training-time validation passes its own ``scales=cfg.val_scales,
     flip=cfg.val_flip``."""
-    from util.transforms import MEAN, STD
+    from util.data.transforms import MEAN, STD
 
     kwargs = dict(num_classes=int(cfg.classes), crop_size=(int(cfg.test_h), int(cfg.test_w)),
                   scales=[float(s) for s in cfg.scales], base_size=cfg.base_size, mean=list(MEAN), std=list(STD),
@@ -346,11 +346,11 @@ def load_inference_model(cfg, model_path, device: torch.device, fold_bn: bool = 
     The returned model is for inference only: with BatchNorm folded its state dict is no longer
     the checkpoint's layout, so load another checkpoint by calling this function again.
 
-    An exported file (``.onnx``, ``.torchscript``: ``util.deploy``) is loaded as a module that runs
+    An exported file (``.onnx``, ``.torchscript``: ``util.evaluation.deploy``) is loaded as a module that runs
     it, checked against the config's classes and window size; the sliding window calls it alike."""
     from model import build_model
-    from util.checkpoint import load_model_weights
-    from util.deploy import is_exported_model, load_exported_model
+    from util.evaluation.deploy import is_exported_model, load_exported_model
+    from util.runtime.checkpoint_io import load_model_weights
 
     if is_exported_model(model_path):
         return load_exported_model(model_path, device, cfg)

@@ -1,5 +1,5 @@
 """Segment what a user has: one image, a folder of images, or a video, with one network and the same
-sliding-window settings (util/inference.py). tool/demo.py is its command line.
+sliding-window settings (util/evaluation/inference.py). tool/demo.py is its command line.
 
 * an image: ``NAME_gray.png`` (class ids), ``NAME_color.png`` and ``NAME_overlay.png`` in the output folder;
 * a folder: the same three files for every image in it (sorted by name, not recursive);
@@ -17,9 +17,10 @@ import cv2
 import numpy as np
 import torch
 
-from util.dataset import DataError, load_image
-from util.engine import ProgressLine
-from util.visualize import colorize, overlay, save_gray, save_rgb
+from util.data.dataset import load_image
+from util.errors import DataError
+from util.evaluation.visualize import colorize, overlay, save_gray, save_rgb
+from util.runtime.log import ProgressLine
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
@@ -117,8 +118,8 @@ def segment_video(predict, video_path: str, output: Path, palette: np.ndarray, a
 
 
 def model_predictor(model, kwargs: dict) -> Callable[[np.ndarray], np.ndarray]:
-    """``image -> class ids`` with util.inference's multi-scale sliding windows (the tools' settings)."""
-    from util.inference import predict_multiscale
+    """``image -> class ids`` with util.evaluation.inference's multi-scale sliding windows (the tools' settings)."""
+    from util.evaluation.inference import predict_multiscale
 
     def predict(image: np.ndarray) -> np.ndarray:
         return predict_multiscale(model, image, **kwargs).to("cpu", torch.uint8).numpy()

@@ -11,12 +11,13 @@ import threading
 from contextlib import contextmanager
 from typing import Callable, Optional
 
-from util.config import ConfigError
+from util.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 
 # Exit statuses: 2 is argparse's status for a bad command line, and a bad config is the same kind of
 # mistake; 1 for everything else the tools report on purpose.
 EXIT_CONFIG = 2
 EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
 def one_line_reason(exc: BaseException) -> str:
@@ -29,11 +30,7 @@ def one_line_reason(exc: BaseException) -> str:
 
 
 def reported_errors() -> tuple:
-    """The exception types a tool reports as one line (imported here so util.cli stays light to import)."""
-    from util.checkpoint import CheckpointError
-    from util.dataset import DataError
-    from util.engine import NonFiniteLossError
-
+    """The exception types a tool reports as one line."""
     return (CheckpointError, DataError, NonFiniteLossError, FileNotFoundError)
 
 
@@ -56,7 +53,7 @@ def run_cli(main: Callable[[], Optional[object]]) -> int:
 
 def exit_with(main: Callable[[], Optional[object]]) -> None:
     """The ``if __name__ == "__main__"`` body of a tool: tune the CPU allocator, run ``main``, exit."""
-    from util.perf import keep_freed_memory_for_reuse
+    from util.runtime.perf import keep_freed_memory_for_reuse
 
     keep_freed_memory_for_reuse()  # CPU: reuse freed activation memory instead of fresh page faults
     status = run_cli(main)
@@ -181,3 +178,4 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     worker that died of it would fail the iteration the main process is finishing before it saves."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+

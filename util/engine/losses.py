@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.registry import Registry
 from util.config import check_choice, register_keys, require
+from util.registry import Registry
 
 LOSSES = Registry("loss", "loss")
 register_loss = LOSSES.register

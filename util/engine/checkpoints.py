@@ -1,0 +1,217 @@
+"""Training checkpoints, in one place: what they hold, when they are written (every ``save_freq``
+epochs, the best, mid-epoch on a stop signal), pruning (``keep_checkpoints``) and resuming from them
+(``resume``: the file, its check, the state it restores, and the position inside an epoch).
+
+Their file names are util/runtime/runs.py's; reading and writing the files themselves (safely,
+atomically) is util/runtime/checkpoint_io.py.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+from torch import nn
+
+from util.engine.training import Optimization
+from util.engine.validation import validation_protocol
+from util.errors import CheckpointError
+from util.runtime import distributed
+from util.runtime.checkpoint_io import (
+    PathLike,
+    add_module_prefix,
+    load_checkpoint_file,
+    load_model_weights,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
+from util.runtime.runs import (
+    BEST_CHECKPOINT,
+    MID_EPOCH_CHECKPOINT_PATTERN,
+    checkpoint_path,
+    list_epoch_checkpoints,
+    list_training_checkpoints,
+)
+from util.runtime.seeding import rng_state
+
+
+def prune_checkpoints(save_path: PathLike, keep: int) -> None:
+    """Delete all but the newest ``keep`` ``train_epoch_N.pth`` files (never ``best_mIoU.pth``), and every
+    mid-epoch checkpoint older than the newest training checkpoint (it is only there to be resumed)."""
+    newest = list_training_checkpoints(save_path)[-1:]
+    stale = [path for position, path in list_training_checkpoints(save_path)
+             if MID_EPOCH_CHECKPOINT_PATTERN.match(os.path.basename(path)) and position < newest[0][0]]
+    for path in [path for _, path in list_epoch_checkpoints(save_path)[:-keep]] + stale:
+        try:
+            os.remove(path)
+        except FileNotFoundError:  # another process (or a user) removed it first
+            pass
+
+
+def find_resume_checkpoint(resume: Optional[str], save_path: PathLike) -> Optional[str]:
+    """The file a run resumes from: None without ``resume``; for ``"auto"`` the newest training
+    checkpoint in ``save_path``, whole-epoch or mid-epoch (None when there is none yet); else ``resume``."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = list_training_checkpoints(save_path)
+        return found[-1][1] if found else None
+    return resume
+
+
+def make_checkpoint(epochs_done: int, model: nn.Module, optimizer, scheduler, scaler, best_miou: float,
+                    cfg) -> dict:
+    """The saved training state: plain data and tensors only, so it loads with ``weights_only=True``.
+
+    ``state_dict`` keys carry the release's ``module.`` prefix, so the release's tools read it too.
+    """
+    return {
+        "epoch": int(epochs_done),
+        "state_dict": add_module_prefix(model.state_dict()),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "best_mIoU": float(best_miou),
+        "cfg": cfg.to_dict(),
+    }
+
+
+def add_mid_epoch_state(checkpoint: dict, progress: dict, rng_states: List[dict], iters_per_epoch: int) -> dict:
+    """Make ``checkpoint`` (of ``epoch`` whole epochs) a mid-epoch one: ``epoch_progress`` (iterations of
+    the next epoch done and that epoch's summed statistics so far, util.engine.training.EpochInterrupted), each
+    rank's random-number state (``rng_states[rank]``), and the layout they hold for (processes,
+    iterations per epoch)."""
+    checkpoint.update(epoch_progress=progress, rng_states=list(rng_states), world_size=len(rng_states),
+                      iters_per_epoch=int(iters_per_epoch))
+    return checkpoint
+
+
+def check_training_checkpoint(checkpoint: Any, path: str) -> None:
+    """Raise CheckpointError unless ``checkpoint`` is a training checkpoint of tool/train.py."""
+    required = ("epoch", "state_dict", "optimizer")
+    missing = [key for key in required if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing or not isinstance(checkpoint["epoch"], int) or not isinstance(checkpoint.get("cfg") or {}, dict):
+        found = (f"keys {sorted(map(str, checkpoint))[:8]}" if isinstance(checkpoint, dict)
+                 else type(checkpoint).__name__)
+        raise CheckpointError(f"{path} is not a training checkpoint of tool/train.py (needs {', '.join(required)}; "
+                              f"found {found}); to start a new run from its weights use 'weight {path}' instead "
+                              f"of resume")
+
+
+def save_training_checkpoint(checkpoint: dict, path: PathLike) -> None:
+    """:func:`save_checkpoint`, with a failed write reported as a CheckpointError that says what to do."""
+    try:
+        save_checkpoint(checkpoint, path)
+    except OSError as exc:
+        raise CheckpointError(f"could not write checkpoint {os.fspath(path)}: {exc.strerror or exc}; the checkpoints "
+                              f"already in {os.path.dirname(os.fspath(path))} are intact (free space, then "
+                              f"'resume auto' continues from the newest)") from None
+
+
+
+
+def resume_checkpoint_path(cfg, logger) -> Optional[str]:
+    """The checkpoint to resume from, or None (no ``resume``, or ``resume: auto`` with nothing saved yet)."""
+    path = find_resume_checkpoint(cfg.resume, cfg.save_path)
+    if cfg.resume == "auto" and path is None:
+        logger.info(f"resume auto: no train_epoch_N.pth in {cfg.save_path}; starting from scratch")
+    return path
+
+
+def restore_training_state(cfg, checkpoint, resume_path: str, model, optim: Optimization, logger) -> Tuple[int, float]:
+    """Load a training checkpoint into the model, optimiser, scheduler and scaler; returns
+    ``(epochs done, best validation mIoU)``."""
+    load_model_weights(model, checkpoint, source=resume_path)
+    try:
+        optim.optimizer.load_state_dict(checkpoint["optimizer"])
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(
+            f"{resume_path}: its optimizer state does not fit this run's parameter groups ({exc}); "
+            f"to start a new run from its weights use 'weight {resume_path}' instead of resume") from None
+    if checkpoint.get("scheduler") is not None:
+        optim.scheduler.load_state_dict(checkpoint["scheduler"])
+    if optim.scaler is not None and checkpoint.get("scaler") is not None:
+        optim.scaler.load_state_dict(checkpoint["scaler"])
+    epochs_done = int(checkpoint["epoch"])
+    best_miou = float(checkpoint.get("best_mIoU", 0.0))
+    saved_protocol = checkpoint.get("val_protocol")
+    if cfg.evaluate and best_miou > 0 and saved_protocol not in (None, validation_protocol(cfg)):
+        logger.info(f"the saved best mIoU {best_miou:.4f} was measured on {saved_protocol}; this run validates "
+                    f"on {validation_protocol(cfg)}: its first validation replaces best_mIoU.pth")
+        best_miou = 0.0
+    best_text = f", best mIoU {best_miou:.4f}" if best_miou > 0 else ""
+    logger.info(f"resumed from {resume_path}: {epochs_done} epoch(s) done{best_text}")
+    if cfg.resume == "auto":
+        # A run killed between writing train_epoch_N.pth and pruning the older ones (or resumed
+        # with a smaller keep_checkpoints) leaves extra files: apply the policy now, since a run
+        # resumed at its last epoch writes nothing more. The newest file, just loaded, is kept.
+        prune_checkpoints(cfg.save_path, cfg.keep_checkpoints)
+    return epochs_done, best_miou
+
+
+def save_checkpoints(cfg, ctx, epochs_done: int, model, optim: Optimization, best_miou: float, improved: bool,
+                     logger, force: bool = False) -> None:
+    """``train_epoch_N.pth`` every ``save_freq`` epochs, after the last and when ``force`` (a stop signal);
+    ``best_mIoU.pth`` when improved."""
+    if not ctx.is_main:
+        return
+    checkpoint = None
+
+    def build():
+        made = make_checkpoint(epochs_done, model, optim.optimizer, optim.scheduler, optim.scaler, best_miou, cfg)
+        made["val_protocol"] = validation_protocol(cfg) if cfg.evaluate else None
+        return made
+
+    if epochs_done % cfg.save_freq == 0 or epochs_done == cfg.epochs or force:
+        checkpoint = build()
+        path = checkpoint_path(cfg.save_path, epochs_done)
+        save_training_checkpoint(checkpoint, path)
+        prune_checkpoints(cfg.save_path, cfg.keep_checkpoints)
+        logger.info(f"saved {path}")
+    if improved:
+        path = os.path.join(cfg.save_path, BEST_CHECKPOINT)
+        save_training_checkpoint(checkpoint if checkpoint is not None else build(), path)
+        logger.info(f"new best validation mIoU {best_miou:.4f}: saved {path}")
+
+
+def load_resume_checkpoint(cfg, ctx, logger):
+    """``(checkpoint, path)`` to resume from (``(None, None)`` for a fresh run); stale partial writes removed."""
+    if ctx.is_main:
+        for stale in remove_stale_temporaries(cfg.save_path):
+            logger.info(f"removed {stale}: the partial write of a checkpoint by an interrupted run")
+    resume_path = distributed.broadcast_object(resume_checkpoint_path(cfg, logger) if ctx.is_main else None)
+    if resume_path is None:
+        return None, None
+    missing = distributed.problems_on_any_rank(None if os.path.isfile(resume_path) else f"{resume_path} does not exist")
+    if missing:
+        raise CheckpointError(f"every rank resumes from {resume_path}, chosen by rank 0, but: {'; '.join(missing)} "
+                              f"(on several machines save_path must be a shared directory)")
+    checkpoint = load_checkpoint_file(resume_path)
+    check_training_checkpoint(checkpoint, resume_path)
+    return checkpoint, resume_path
+
+
+def mid_epoch_resume_state(checkpoint: dict, path: str, ctx, iters_per_epoch: int):
+    """``(progress, this rank's RNG state)`` of a mid-epoch checkpoint; CheckpointError when this run's
+    layout differs from the one that wrote it (another data order: the position would mean nothing)."""
+    written = (checkpoint.get("world_size"), checkpoint.get("iters_per_epoch"))
+    if written != (ctx.world_size, iters_per_epoch):
+        raise CheckpointError(
+            f"{path} was written in the middle of an epoch by a run of {written[0]} process(es) with {written[1]} "
+            f"iterations per epoch; this run has {ctx.world_size} and {iters_per_epoch}: resume it with the same "
+            f"number of processes and batch_size, or resume a train_epoch_N.pth instead")
+    return checkpoint["epoch_progress"], checkpoint["rng_states"][ctx.rank]
+
+
+def save_mid_epoch_checkpoint(cfg, ctx, model, optim: Optimization, epoch: int, progress: Dict, best_miou: float,
+                              iters_per_epoch: int, stop) -> str:
+    """After a stop signal (``stop``, a util.runtime.cli.StopSignals) in the middle of ``epoch`` (0-based):
+    rank 0 writes the mid-epoch checkpoint with every rank's random state; returns its path."""
+    stop.agree(distributed.all_gather_object(stop.signum))
+    rng_states = distributed.all_gather_object(rng_state(ctx.device))
+    path = checkpoint_path(cfg.save_path, epoch, progress["iteration"])
+    if ctx.is_main:
+        checkpoint = make_checkpoint(epoch, model, optim.optimizer, optim.scheduler, optim.scaler, best_miou, cfg)
+        checkpoint["val_protocol"] = validation_protocol(cfg) if cfg.evaluate else None
+        save_training_checkpoint(add_mid_epoch_state(checkpoint, progress, rng_states, iters_per_epoch), path)
+        prune_checkpoints(cfg.save_path, cfg.keep_checkpoints)
+    return path
