@@ -12,22 +12,25 @@ and the exit status is 1. Images without a label and labels without an image are
 Writes ``OUT/train.txt`` and ``OUT/val.txt``: a reproducible split (the same files and ``--seed`` give the
 same split) with ``--val-fraction`` of the pairs (at least one) for validation. Paths are relative to
 ``--data-root`` (default: the folder holding IMAGES and LABELS). Lists are rewritten only when they change.
-Prints the per-class pixel frequencies of each split and the ``KEY VALUE`` overrides that train on the lists:
+Prints the per-class pixel frequencies of each split and a shell-quoted command, with absolute paths, that
+trains on the lists from any directory:
 
-    ./tool/train.sh custom pyconvresnet50_pyconvsegnet data_root DIR train_list OUT/train.txt ... classes N
+    /path/to/repository/tool/train.sh custom pyconvresnet50_pyconvsegnet data_root DIR train_list OUT/train.txt ... classes N
 """
 from __future__ import annotations
 
 import argparse
 import os
 import random
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_ROOT))
 
 from util.dataset import IMAGE_EXTENSIONS, DataError, load_image, load_label, read_names  # noqa: E402
 from util.preparation import (LabelError, default_workers, files_by_stem, log, pair_by_stem,  # noqa: E402
@@ -85,6 +88,15 @@ def list_line(data_root: Path, image: Path, label: Path) -> str:
     image_rel, label_rel = os.path.relpath(image, data_root), os.path.relpath(label, data_root)
     separator = "\t" if any(char.isspace() for char in image_rel + label_rel) else " "
     return f"{image_rel}{separator}{label_rel}"
+
+
+def train_command(data_root: Path, out: Path, classes: int, ignore_label: int) -> str:
+    """The shell-quoted tool/train.sh command that trains the custom config on the lists in ``out``. Every
+    path in it is absolute, so it runs from any directory (the wrapper finds the repository itself)."""
+    return shlex.join([str(REPO_ROOT / "tool" / "train.sh"), "custom", "pyconvresnet50_pyconvsegnet",
+                       "data_root", str(data_root), "train_list", str(out / "train.txt"),
+                       "val_list", str(out / "val.txt"), "test_list", str(out / "val.txt"),
+                       "classes", str(classes), "ignore_label", str(ignore_label)])
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -151,9 +163,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                         args.classes, args.ignore_label, class_names)))
     out = args.out.resolve()
     print(f"{len(errors)} bad file(s) left out" + (" (see the errors above)" if errors else ""))
-    print(f"train (from the repository root) with: ./tool/train.sh custom pyconvresnet50_pyconvsegnet "
-          f"data_root {data_root} train_list {out / 'train.txt'} val_list {out / 'val.txt'} "
-          f"test_list {out / 'val.txt'} classes {args.classes} ignore_label {args.ignore_label}")
+    print(f"train (from any directory) with: {train_command(data_root, out, args.classes, args.ignore_label)}")
     return 1 if errors else 0
 
 
