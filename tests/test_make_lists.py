@@ -116,18 +116,40 @@ def test_printed_command_is_quoted_and_runs_from_anywhere(tmp_path, capsys):
     assert list(elsewhere.iterdir()) == []
 
 
+def train_on(tmp_path, overrides):
+    """tool/train.py's summary of one tiny epoch on the custom config with ``overrides``, run from tmp_path."""
+    train = load_script("tool/train.py", "train_tool_for_make_lists")
+    return train.main(["--config", str(REPO_ROOT / "config/custom/custom_pyconvresnet50_pyconvsegnet.yaml"),
+                       *overrides, "save_path", str(tmp_path / "model"), "backbone_net", "resnet",
+                       "backbone_output_stride", "32", "train_h", "17", "train_w", "17", "batch_size", "2",
+                       "batch_size_val", "2", "epochs", "1", "workers", "0"])
+
+
 def test_train_on_the_lists(tmp_path, capsys, one_thread, monkeypatch):
     """The README's path: make_lists, then the custom config with the printed overrides, from another folder."""
     make_folder(tmp_path, count=4)
     code, out, _ = run(tmp_path, capsys, "--val-fraction", "0.5")
     assert code == 0
-    overrides = printed_command(out)[3:]
     monkeypatch.chdir(tmp_path)
-    train = load_script("tool/train.py", "train_tool_for_make_lists")
-    summary = train.main(["--config", str(REPO_ROOT / "config/custom/custom_pyconvresnet50_pyconvsegnet.yaml"),
-                          *overrides, "save_path", str(tmp_path / "model"), "backbone_net", "resnet",
-                          "backbone_output_stride", "32", "train_h", "17", "train_w", "17", "batch_size", "2",
-                          "batch_size_val", "2", "epochs", "1", "workers", "0"])
+    summary = train_on(tmp_path, printed_command(out)[3:])
     assert (tmp_path / "model" / "train_epoch_1.pth").is_file()
     assert summary["epochs"] == 1 and np.isfinite(summary["train"]["loss"])
     assert summary["val"] is not None  # the config validates each epoch, on val.txt
+
+
+def test_no_validation_split_trains_without_validation(tmp_path, capsys, one_thread, monkeypatch):
+    """--val-fraction 0 (after a split that had one): train.txt only, an earlier val.txt removed, and the
+    printed command trains with evaluate False."""
+    make_folder(tmp_path, count=4)
+    assert run(tmp_path, capsys, "--val-fraction", "0.5")[0] == 0
+    assert (tmp_path / "lists" / "val.txt").is_file()
+    code, out, err = run(tmp_path, capsys, "--val-fraction", "0")
+    assert code == 0 and "no validation split" in err
+    assert not (tmp_path / "lists" / "val.txt").exists()
+    assert len(read_list(tmp_path / "lists" / "train.txt", tmp_path, "train")) == 4
+    command = printed_command(out)
+    assert "val_list" not in command and "test_list" not in command
+    assert command[command.index("evaluate") + 1] == "False"
+    monkeypatch.chdir(tmp_path)
+    summary = train_on(tmp_path, command[3:])
+    assert summary["epochs"] == 1 and summary["val"] is None

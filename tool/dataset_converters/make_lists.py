@@ -10,7 +10,9 @@ training, util/dataset.py). Every pair is checked; each bad file is named with w
 and the exit status is 1. Images without a label and labels without an image are warnings.
 
 Writes ``OUT/train.txt`` and ``OUT/val.txt``: a reproducible split (the same files and ``--seed`` give the
-same split) with ``--val-fraction`` of the pairs (at least one) for validation. Paths are relative to
+same split) with ``--val-fraction`` of the pairs (at least one) for validation. With ``--val-fraction 0``
+(or a single pair) there is no validation split: only ``OUT/train.txt`` is written (an earlier
+``OUT/val.txt`` is removed) and the printed command trains with ``evaluate False``. Paths are relative to
 ``--data-root`` (default: the folder holding IMAGES and LABELS). Lists are rewritten only when they change.
 Prints the per-class pixel frequencies of each split and a shell-quoted command, with absolute paths, that
 trains on the lists from any directory:
@@ -90,13 +92,14 @@ def list_line(data_root: Path, image: Path, label: Path) -> str:
     return f"{image_rel}{separator}{label_rel}"
 
 
-def train_command(data_root: Path, out: Path, classes: int, ignore_label: int) -> str:
+def train_command(data_root: Path, out: Path, classes: int, ignore_label: int, has_val: bool = True) -> str:
     """The shell-quoted tool/train.sh command that trains the custom config on the lists in ``out``. Every
-    path in it is absolute, so it runs from any directory (the wrapper finds the repository itself)."""
+    path in it is absolute, so it runs from any directory (the wrapper finds the repository itself).
+    Without a validation list (``has_val`` False) it trains with ``evaluate False``."""
+    lists = ["train_list", str(out / "train.txt")]
+    lists += ["val_list", str(out / "val.txt"), "test_list", str(out / "val.txt")] if has_val else ["evaluate", "False"]
     return shlex.join([str(REPO_ROOT / "tool" / "train.sh"), "custom", "pyconvresnet50_pyconvsegnet",
-                       "data_root", str(data_root), "train_list", str(out / "train.txt"),
-                       "val_list", str(out / "val.txt"), "test_list", str(out / "val.txt"),
-                       "classes", str(classes), "ignore_label", str(ignore_label)])
+                       "data_root", str(data_root), *lists, "classes", str(classes), "ignore_label", str(ignore_label)])
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -156,14 +159,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         log("ERROR no usable pair: no list written")
         return 1
     train, val = split_names(sorted(counts), args.val_fraction, args.seed)
-    for split, split_names_ in (("train", train), ("val", val)):
+    if not val:  # --val-fraction 0, or a single pair: no val.txt (an earlier split's would mix with this one)
+        log(f"no validation split ({len(train)} pair(s), --val-fraction {args.val_fraction}): train.txt only, "
+            f"training with evaluate False")
+        if (args.out / "val.txt").is_file():
+            (args.out / "val.txt").unlink()
+            log(f"list {args.out / 'val.txt'}: removed (it held an earlier split)")
+    for split, split_names_ in (("train", train), ("val", val)) if val else (("train", train),):
         write_list(args.out / f"{split}.txt", [list_line(data_root, images[n], labels[n]) for n in split_names_])
         print(f"{split}: {len(split_names_)} images, pixels per class:")
         print("\n".join(frequency_table(sum((counts[n] for n in split_names_), np.zeros(256, np.int64)),
                                         args.classes, args.ignore_label, class_names)))
     out = args.out.resolve()
     print(f"{len(errors)} bad file(s) left out" + (" (see the errors above)" if errors else ""))
-    print(f"train (from any directory) with: {train_command(data_root, out, args.classes, args.ignore_label)}")
+    print(f"train (from any directory) with: "
+          f"{train_command(data_root, out, args.classes, args.ignore_label, has_val=bool(val))}")
     return 1 if errors else 0
 
 
