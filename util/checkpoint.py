@@ -50,6 +50,10 @@ def load_checkpoint_file(path: PathLike) -> Any:
             Python objects other than tensors and plain containers.
     """
     path = os.fspath(path)
+    from util.deploy import is_exported_model, not_a_checkpoint_message
+
+    if is_exported_model(path):  # torch.load would call it corrupted (ONNX) or hand it to torch.jit.load
+        raise CheckpointError(not_a_checkpoint_message(path))
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint file {path} does not exist")
     if not os.path.isfile(path):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -49,6 +50,23 @@ class ExportedModelError(CheckpointError):
 def is_exported_model(path) -> bool:
     """True for a path with an exported format's extension (``.onnx``, ``.torchscript``)."""
     return path is not None and Path(str(path)).suffix.lower() in FORMAT_SUFFIXES.values()
+
+
+def not_a_checkpoint_message(path, key: Optional[str] = None) -> str:
+    """Why an exported file cannot be read as a checkpoint (or be ``key``: weight, resume, pretrained, the
+    keys that take a ``.pth`` checkpoint), and where it can be used instead."""
+    what = (f"{path} is an exported network ({Path(str(path)).suffix} file: the eval-mode network for inference, "
+            f"without the state_dict, optimizer and config a checkpoint holds), not a checkpoint")
+    if key is None:
+        return f"{what} (.pth); to run it, give it as model_path to tool/test.py or tool/demo.py"
+    return (f"{key} {what}: {key} takes a .pth checkpoint; to run the exported file, give it "
+            f"as model_path to tool/test.py or tool/demo.py")
+
+
+def missing_export_message(key: str, path) -> str:
+    """A missing exported file given as ``key``: how such a file is made."""
+    return (f"{key} file not found: {path} (an exported network is written by tool/deployment/export.py "
+            f"--config CFG model_path CHECKPOINT --format {format_of(path)} --output {shlex.quote(str(path))})")
 
 
 def format_of(path) -> str:
