@@ -15,10 +15,16 @@ take an exported file as ``model_path`` (:func:`is_exported_model`, by extension
 
 onnx, onnxscript and onnxruntime are optional (``requirements-export.txt``); they are imported
 only when an ONNX file is written or read.
+
+An exported file is a program, not data: ``torch.jit.load`` runs the TorchScript code inside the
+archive (``weights_only`` loading, which guards every ``.pth`` checkpoint, does not apply), and
+onnxruntime executes the ONNX graph. Load exported files only from a source you trust; loading a
+TorchScript file logs a one-line note saying so.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import warnings
@@ -41,6 +47,10 @@ TORCHSCRIPT_METADATA = "metadata.json"  # the TorchScript archive's extra file h
 RELATIVE_TOLERANCE = 1e-4
 CHECK_BATCH_SIZES = (1, 2, 3)
 INSTALL_HINT = "pip install -r requirements-export.txt"
+LOGGER_NAME = "pyconvsegnet"  # util.misc.get_logger's: the tools' log
+TORCHSCRIPT_TRUST_NOTE = ("note: {path} was loaded with torch.jit.load, which runs the program inside the file "
+                          "(weights_only safety covers .pth checkpoints only): load exported files only from a "
+                          "source you trust")
 
 
 class ExportedModelError(CheckpointError):
@@ -317,6 +327,7 @@ def load_exported_model(path, device: torch.device = torch.device("cpu"), cfg=No
                 network = torch.jit.load(path, map_location=device, _extra_files=extra)
         except Exception as error:  # RuntimeError / zipfile errors for a bad archive
             raise ExportedModelError(f"{path} is not a readable TorchScript file ({_first_line(error)})") from None
+        logging.getLogger(LOGGER_NAME).info(TORCHSCRIPT_TRUST_NOTE.format(path=path))
         try:
             raw = json.loads(extra[TORCHSCRIPT_METADATA] or "{}")
         except ValueError:
