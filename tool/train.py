@@ -47,7 +47,7 @@ from util.checkpoint import CheckpointError  # noqa: E402
 from util.cli import (STOP_SIGNALS, StopSignals, TrainingStopped, Uninterruptible, exit_with,  # noqa: E402
                       ignore_stop_signals)
 from util.config import ConfigError, dump_cfg, load_cfg  # noqa: E402
-from util.dataset import DataError, read_list_entries  # noqa: E402
+from util.dataset import DataError, EmptyListError, read_list_entries  # noqa: E402
 from util.misc import format_seconds, get_logger, restore_rng_state, rng_state, set_seed  # noqa: E402
 from util.precision import autocast_dtype_for, check_device_support  # noqa: E402
 from util.preparation import missing_list_hint  # noqa: E402
@@ -97,11 +97,15 @@ def check_run_config(cfg) -> None:
         if not os.path.isfile(cfg.val_list):
             raise ConfigError(f"val_list file not found: {cfg.val_list}{missing_list_hint(cfg.val_list)}")
     for key, split in [("train_list", "train")] + ([("val_list", "val")] if cfg.evaluate else []):
-        try:  # a malformed or empty list stops the run before its log and config are written
+        # An empty list stops the run before its log and config are written (on every rank, as a config
+        # error); a malformed line stays a data error (status 1), reported when the datasets are built.
+        try:
             read_list_entries(cfg[key], cfg.data_root, split)
-        except DataError as error:
+        except EmptyListError as error:
             raise ConfigError(f"{key}: {error}" + ("; evaluate False trains without validation"
                                                    if key == "val_list" else "")) from None
+        except DataError:
+            pass
     check_checkpoint_paths(cfg, ("weight", "pretrained", "resume"))
     if cfg.start_epoch < 0 or cfg.start_epoch >= cfg.epochs:
         raise ConfigError(f"start_epoch must be in [0, epochs), got {cfg.start_epoch} with epochs {cfg.epochs}")

@@ -44,6 +44,10 @@ class DataError(ValueError):
     """A problem with the data on disk (list file, image or label), with a message saying where."""
 
 
+class EmptyListError(DataError):
+    """A list file without a single entry (tool/train.py refuses it before a run starts)."""
+
+
 class ListEntry(NamedTuple):
     image_path: str
     label_path: Optional[str]
@@ -126,7 +130,7 @@ def read_list_entries(list_path, data_root, split: str) -> list[ListEntry]:
             raise DataError(f"{where}: expected 'IMAGE LABEL' (only split 'test' may omit the label), "
                             f"got {line!r}")
     if not entries:
-        raise DataError(f"list file {list_path} has no entries")
+        raise EmptyListError(f"list file {list_path} has no entries")
     return entries
 
 
