@@ -89,25 +89,6 @@ def _reference(setup, arch):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_loading_torchscript_logs_that_it_runs_the_file(setup, fmt, one_thread, capsys):
-    """torch.jit.load runs the archive's program (weights_only does not cover it): a one-line note in the log."""
-    from util.deploy import load_exported_model
-    from util.misc import get_logger
-
-    _needs(fmt)
-    path = exported_file(setup, "psp", fmt)
-    get_logger()
-    capsys.readouterr()
-    load_exported_model(path)
-    notes = [line for line in capsys.readouterr().out.splitlines() if "torch.jit.load" in line]
-    if fmt == "torchscript":
-        assert len(notes) == 1 and f"note: {path} was loaded with torch.jit.load" in notes[0]
-        assert "only from a source you trust" in notes[0]
-    else:
-        assert notes == []
-
-
-@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_exported_model_matches_pytorch(setup, arch, fmt, one_thread, capsys):
     from util.deploy import compare_with_reference, load_exported_model
@@ -130,6 +111,26 @@ def test_exported_model_matches_pytorch(setup, arch, fmt, one_thread, capsys):
     with torch.no_grad():
         other.cls[-1].bias.add_(torch.tensor([3.0, 0.0, -3.0]))
     assert not any(c["ok"] for c in compare_with_reference(exported, other, (WINDOW, WINDOW), batch_sizes=(1,)))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_loading_torchscript_logs_that_it_runs_the_file(setup, fmt, one_thread, capsys):
+    """torch.jit.load runs the archive's program (weights_only does not cover it): a one-line note in the log.
+    (After test_exported_model_matches_pytorch, which reads the export's output of the shared files.)"""
+    from util.deploy import load_exported_model
+    from util.misc import get_logger
+
+    _needs(fmt)
+    path = exported_file(setup, "psp", fmt)
+    get_logger()
+    capsys.readouterr()
+    load_exported_model(path)
+    notes = [line for line in capsys.readouterr().out.splitlines() if "torch.jit.load" in line]
+    if fmt == "torchscript":
+        assert len(notes) == 1 and f"note: {path} was loaded with torch.jit.load" in notes[0]
+        assert "only from a source you trust" in notes[0]
+    else:
+        assert notes == []
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
