@@ -44,6 +44,43 @@ def test_warm_up_stops_at_the_first_call_without_new_pages(monkeypatch):
     assert timing["warmup_calls"] == 1 and len(timing["times_s"]) == 2 and faults["calls"] == 13
 
 
+def test_the_limit_is_the_fastest_probed_kernel(monkeypatch):
+    """A convolution faster than the matmul sets the limit (and is named), so a model running at the
+    convolution's speed is at 100 %, not above; each probe really runs (tiny sizes)."""
+    from tool.analysis_tools.benchmark_jobs import measure
+
+    device = torch.device("cpu")
+    real = measure.peak_rate("fp32", device, 32, 1)
+    assert len(real["probes"]) == 3 and all(rate > 0 for rate in real["probes"].values())
+    assert real["gflops"] == max(real["probes"].values()) and real["probes"][real["kernel"]] == real["gflops"]
+    monkeypatch.setattr(measure, "matmul_rate", lambda *args: {"gflops": 200.0})
+    monkeypatch.setattr(measure, "conv_rate", lambda precision, device, channels, kernel_size, side, repeats:
+                        {"gflops": 387.0 if kernel_size == 1 else 150.0})
+    peak = measure.peak_rate("fp32", device, 4096, 3)
+    assert peak["gflops"] == 387.0 and peak["kernel"] == "conv 1x1 4096ch 64x64 channels_last"
+    assert peak["probes"] == {"matmul 4096^3": 200.0, "conv 1x1 4096ch 64x64 channels_last": 387.0,
+                              "conv 3x3 512ch 64x64 channels_last": 150.0}
+    assert measure.utilisation(387.0, 1.0, peak["gflops"]) == 1.0
+
+
+def test_probes_count_their_flop(monkeypatch):
+    """At one second per call a probe's GFLOP/s is its GFLOP: 2 N^3 for the matmul, 2 C^2 k^2 side^2 for a
+    stride-1 convolution (which keeps the map's size)."""
+    from tool.analysis_tools.benchmark_jobs import measure
+
+    shapes = []
+
+    def one_second(fn, repeats, device, warmup=None):
+        shapes.append(tuple(fn().shape))
+        return {"best_s": 1.0, "median_s": 1.0, "times_s": [1.0], "warmup_calls": 0}
+
+    monkeypatch.setattr(measure, "time_calls", one_second)
+    assert measure.conv_rate("fp32", torch.device("cpu"), 8, 3, 16, 1)["gflops"] == 2 * 8 * 8 * 9 * 16 * 16 / 1e9
+    assert measure.conv_rate("bf16", torch.device("cpu"), 8, 1, 16, 1)["gflops"] == 2 * 8 * 8 * 16 * 16 / 1e9
+    assert measure.matmul_rate("fp32", torch.device("cpu"), 8, 1)["gflops"] == 2 * 8 ** 3 / 1e9
+    assert shapes == [(1, 8, 16, 16), (1, 8, 16, 16), (8, 8)]
+
+
 def test_crop_count_and_flop_counts(repo_root, monkeypatch):
     from tool.analysis_tools.benchmark_jobs.evaluation import eval_crop_count
     from tool.analysis_tools.benchmark_jobs.flops import forward_gflop, train_step_gflop
@@ -75,19 +112,25 @@ def test_benchmark_smoke(bench_tool, repo_root, monkeypatch, capsys, tmp_path, o
     result = json.loads(capsys.readouterr().out)
     assert json.loads((tmp_path / "bench.json").read_text()) == result
     table = (tmp_path / "bench.md").read_text()
-    assert "| matmul 4096^3" in table and "| training, utilisation (of the matmul rate just before it) |" in table
-    for key in ("machine", "matmul", "model", "eval", "train", "peak_memory", "warnings"):
+    assert "| peak GFLOP/s at the start (the limit: the fastest of the matmul and convolution probes) |" in table
+    assert "| kernel that set the limit |" in table
+    assert "| training, utilisation (of the peak rate just before it) |" in table
+    for key in ("machine", "peak", "model", "eval", "train", "peak_memory", "warnings"):
         assert key in result
     assert result["model"]["weights"] == "random" and any("random weights" in w for w in result["warnings"])
     for precision in ("fp32", "bf16"):
-        assert result["matmul"][precision]["gflops"] > 0
+        peak = result["peak"][precision]
+        assert peak["gflops"] > 0 and peak["gflops"] == max(peak["probes"].values())
+        assert peak["probes"][peak["kernel"]] == peak["gflops"]
+        assert sorted(peak["probes"]) == ["conv 1x1 128ch 64x64 channels_last", "conv 3x3 16ch 64x64 channels_last",
+                                          "matmul 128^3"]
         assert result["eval"][precision]["seconds_per_image"] > 0
         assert 0 < result["eval"][precision]["utilisation"] < 100
-        for job in ("eval", "train"):  # each job's ratio uses a matmul rate measured right before it
+        for job in ("eval", "train"):  # each job's ratio uses a peak rate measured right before it
             job_result = result[job][precision]
-            assert job_result["matmul_gflops_before"] > 0
+            assert job_result["peak_gflops_before"] > 0
             gflops = job_result["gflops"]
-            assert math.isclose(job_result["utilisation"], gflops / job_result["matmul_gflops_before"])
+            assert math.isclose(job_result["utilisation"], gflops / job_result["peak_gflops_before"])
         assert result["train"][precision]["images_per_s"] > 0
         assert math.isfinite(result["train"][precision]["loss"])
     assert result["eval"]["crops_per_image"] == 4  # 33x41: 1x2 windows of 33, 2 flips

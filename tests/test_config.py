@@ -1,13 +1,16 @@
 """Config loading: release layout, overrides, type checks and the error messages."""
 import glob
+import sys
 
 import pytest
 import yaml
 
-from util.config import dump_cfg, load_cfg, parse_value, register_keys, require, schema, unregister_keys
+from util.config import dump_cfg, load_cfg, parse_cli, parse_value, register_keys, require, schema, unregister_keys
 from util.data.dataset import read_colors, read_names
 from util.engine.precision import check_device_support
 from util.errors import ConfigError
+
+from conftest import REPO_ROOT
 
 PYCONV50 = "config/ade20k/ade20k_pyconvresnet50_pyconvsegnet.yaml"
 
@@ -157,6 +160,34 @@ def test_empty_yaml_value_accepts_any_type_and_null_means_none():
     assert cfg.pretrained is None and cfg.best_mIoU_model_path is None
     assert load_cfg(PYCONV50, ["manual_seed", "7"]).manual_seed == 7
     assert parse_value("None") is None and parse_value("") is None and parse_value("abc") == "abc"
+
+
+def test_lists_on_the_command_line_take_the_yaml_form():
+    """A list override is written as in a config file: YAML's flow form, Python literals too."""
+    assert parse_value("[a.py, b.py]") == ["a.py", "b.py"]
+    assert parse_value("[0.5, 0.75, 1.0]") == [0.5, 0.75, 1.0] and parse_value("['a.py']") == ["a.py"]
+    assert parse_value("[not closed") == "[not closed" and parse_value("a.py") == "a.py"
+
+
+def test_custom_imports_list_override_and_syntax_error(tmp_path, monkeypatch, capsys):
+    """custom_imports "[a.py, b.py]" imports both files; a file with a syntax error is a one-line config error
+    naming the file and line, exit status 2 (as an import error is)."""
+    config = str(REPO_ROOT / PYCONV50)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cfg_import_a.py").write_text("LOADED = 'a'\n")
+    (tmp_path / "cfg_import_b.py").write_text("LOADED = 'b'\n")
+    (tmp_path / "cfg_import_broken.py").write_text("x = 1\ndef f(:\n    pass\n")
+    monkeypatch.setattr(sys, "modules", dict(sys.modules))  # the imported files leave with the test
+    load_cfg(config, ["custom_imports", "[cfg_import_a.py, cfg_import_b.py]"])
+    assert sys.modules["cfg_import_a"].LOADED == "a" and sys.modules["cfg_import_b"].LOADED == "b"
+    with pytest.raises(SystemExit) as exit_info:
+        parse_cli(["--config", config, "custom_imports", "cfg_import_broken.py"], "test")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{tmp_path / 'cfg_import_broken.py'}, line 2: SyntaxError" in err
+    assert err.startswith("config error: custom_imports: cannot import 'cfg_import_broken.py'")
+    assert "cfg_import_broken" not in sys.modules
 
 
 def test_unknown_override_names_nearest_key():

@@ -115,6 +115,26 @@ def test_exported_model_matches_pytorch(setup, arch, fmt, one_thread, capsys):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+def test_loading_torchscript_logs_that_it_runs_the_file(setup, fmt, one_thread, capsys):
+    """torch.jit.load runs the archive's program (weights_only does not cover it): a one-line note in the log.
+    (After test_exported_model_matches_pytorch, which reads the export's output of the shared files.)"""
+    from util.evaluation.deploy import load_exported_model
+    from util.runtime.log import get_logger
+
+    _needs(fmt)
+    path = exported_file(setup, "psp", fmt)
+    get_logger()
+    capsys.readouterr()
+    load_exported_model(path)
+    notes = [line for line in capsys.readouterr().out.splitlines() if "torch.jit.load" in line]
+    if fmt == "torchscript":
+        assert len(notes) == 1 and f"note: {path} was loaded with torch.jit.load" in notes[0]
+        assert "only from a source you trust" in notes[0]
+    else:
+        assert notes == []
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_fixed_size_file_refuses_another_size(setup, fmt, one_thread):
     from util.evaluation.deploy import ExportedModelError, load_exported_model
 

@@ -441,6 +441,10 @@ CONFIG_CASES = {
     "override-wrong-type": (None, ["batch_size", "2.5"], "'batch_size' must be of type int"),
     "fp16-on-cpu": (None, ["precision", "fp16"], "fp16 needs a CUDA device"),
     "evaluate-without-val-list": (None, ["evaluate", "True", "val_list", "''"], "val_list is not set"),
+    "empty-val-list": (None, ["evaluate", "True", "val_list", "{tmp}/empty.txt"],
+                       "val_list: list file {tmp}/empty.txt has no entries; evaluate False trains without validation"),
+    "empty-train-list": (None, ["train_list", "{tmp}/empty.txt"],
+                         "train_list: list file {tmp}/empty.txt has no entries"),
     "crop-size": (None, ["train_h", "64"], "(train_h - 1) % 8 == 0"),
     "start-epoch": (None, ["start_epoch", "2", "epochs", "2"], "start_epoch must be in [0, epochs)"),
     "missing-resume": (None, ["resume", "{tmp}/nope.pth"], "resume checkpoint not found"),
@@ -459,7 +463,8 @@ def _config_case(tmp_path: Path, case: str):
         assert text.count(yaml_edit[0]) == 1
         config.write_text(text.replace(*yaml_edit))
     (tmp_path / "a_file").write_text("a file where a directory should be")
-    return config, [item.format(tmp=tmp_path) for item in overrides], fragment
+    (tmp_path / "empty.txt").write_text("\n")
+    return config, [item.format(tmp=tmp_path) for item in overrides], fragment.format(tmp=tmp_path)
 
 
 @pytest.mark.parametrize("case", list(CONFIG_CASES))

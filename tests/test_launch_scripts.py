@@ -30,6 +30,9 @@ def _run(script: str, args, tmp_path: Path, **env) -> subprocess.CompletedProces
                           capture_output=True, text=True, timeout=60)
 
 
+CAMVID = ("camvid", "pyconvresnet50_pyconvsegnet")  # a DATASET EXP whose config exists
+
+
 @pytest.mark.parametrize("script, task", [("slurm_train.sh", "train.sh"), ("slurm_test.sh", "test.sh")])
 def test_srun_gets_tasks_partition_and_the_command(tmp_path, script, task):
     proc = _run(script, ["gpu-long", "psp50", "ade20k", "pyconvresnet50_pyconvsegnet", "epochs", "2",
@@ -48,10 +51,10 @@ def test_srun_gets_tasks_partition_and_the_command(tmp_path, script, task):
 
 
 def test_defaults_and_fewer_gpus_than_a_node(tmp_path):
-    args = [line[4:] for line in _run("slurm_train.sh", ["p", "j", "camvid", "exp"], tmp_path).stdout.splitlines()
+    args = [line[4:] for line in _run("slurm_train.sh", ["p", "j", *CAMVID], tmp_path).stdout.splitlines()
             if line.startswith("ARG ")]
     assert "--ntasks=8" in args and "--ntasks-per-node=8" in args and "--cpus-per-task=5" in args
-    args = [line[4:] for line in _run("slurm_train.sh", ["p", "j", "camvid", "exp"], tmp_path,
+    args = [line[4:] for line in _run("slurm_train.sh", ["p", "j", *CAMVID], tmp_path,
                                       GPUS="2").stdout.splitlines() if line.startswith("ARG ")]
     assert "--ntasks=2" in args and "--ntasks-per-node=2" in args and "--gres=gpu:2" in args
 
@@ -60,6 +63,18 @@ def test_usage_without_enough_arguments(tmp_path):
     proc = _run("slurm_test.sh", ["gpu", "job"], tmp_path)
     assert proc.returncode == 2 and "usage:" in proc.stderr and "slurm_test.sh PARTITION JOB_NAME" in proc.stderr
     assert "ARG" not in proc.stdout  # srun never ran
+
+
+@pytest.mark.parametrize("script", ["slurm_train.sh", "slurm_test.sh"])
+def test_help_and_mistyped_config_before_srun(tmp_path, script):
+    """--help is status 0 (as train.sh --help); a config that does not exist is status 2, srun never runs."""
+    for flag in ("--help", "-h"):
+        proc = _run(script, [flag], tmp_path)
+        assert proc.returncode == 0 and f"{script} PARTITION JOB_NAME" in proc.stderr and "ARG" not in proc.stdout
+    proc = _run(script, ["gpu", "job", "camvid", "pyconvresnet50_pyconvsegnt", "epochs", "2"], tmp_path)
+    assert proc.returncode == 2 and "ARG" not in proc.stdout
+    missing = REPO_ROOT / "config" / "camvid" / "camvid_pyconvresnet50_pyconvsegnt.yaml"
+    assert proc.stderr.splitlines()[0] == f"config not found: {missing}"
 
 
 def test_gpu_check_without_cuda_says_so_and_passes(tmp_path):

@@ -1,4 +1,7 @@
 """tool/dataset_converters/make_lists.py on a generated folder of images and masks, then training on its lists."""
+import shlex
+import subprocess
+
 import cv2
 import numpy as np
 
@@ -83,19 +86,71 @@ def test_split_names():
     assert make_lists.split_names(["a", "b"], 0.01, seed=0)[1] != []  # at least one validation image
 
 
+def printed_line(out):
+    """The training command make_lists printed, as text."""
+    line = next(line for line in out.splitlines() if line.startswith("train (from any directory) with: "))
+    return line.split(" with: ", 1)[1]
+
+
+def printed_command(out):
+    """The words of the training command make_lists printed, as the shell splits them."""
+    return shlex.split(printed_line(out))
+
+
+def test_printed_command_is_quoted_and_runs_from_anywhere(tmp_path, capsys):
+    """A data folder with a space: the printed command reaches train.py with the folder as one value, from a
+    directory that is not the repository root (a typo appended to it is the only config error)."""
+    root = tmp_path / "my data"
+    make_folder(root, count=4)
+    code, out, _ = run(root, capsys, "--val-fraction", "0.5")
+    assert code == 0
+    command = printed_command(out)
+    assert command[:3] == [str(REPO_ROOT / "tool" / "train.sh"), "custom", "pyconvresnet50_pyconvsegnet"]
+    assert command[command.index("data_root") + 1] == str(root)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run(["sh", "-c", printed_line(out) + " epoch 1"], cwd=elsewhere, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == ("config error: unknown config key 'epoch' "
+                                                      "(did you mean 'epochs'?)")
+    assert list(elsewhere.iterdir()) == []
+
+
+def train_on(tmp_path, overrides):
+    """tool/train.py's summary of one tiny epoch on the custom config with ``overrides``, run from tmp_path."""
+    train = load_script("tool/train.py", "train_tool_for_make_lists")
+    return train.main(["--config", str(REPO_ROOT / "config/custom/custom_pyconvresnet50_pyconvsegnet.yaml"),
+                       *overrides, "save_path", str(tmp_path / "model"), "backbone_net", "resnet",
+                       "backbone_output_stride", "32", "train_h", "17", "train_w", "17", "batch_size", "2",
+                       "batch_size_val", "2", "epochs", "1", "workers", "0"])
+
+
 def test_train_on_the_lists(tmp_path, capsys, one_thread, monkeypatch):
     """The README's path: make_lists, then the custom config with the printed overrides, from another folder."""
     make_folder(tmp_path, count=4)
     code, out, _ = run(tmp_path, capsys, "--val-fraction", "0.5")
     assert code == 0
-    command = "train (from the repository root) with: ./tool/train.sh custom pyconvresnet50_pyconvsegnet "
-    overrides = out.split(command)[1].split()
     monkeypatch.chdir(tmp_path)
-    train = load_script("tool/train.py", "train_tool_for_make_lists")
-    summary = train.main(["--config", str(REPO_ROOT / "config/custom/custom_pyconvresnet50_pyconvsegnet.yaml"),
-                          *overrides, "save_path", str(tmp_path / "model"), "backbone_net", "resnet",
-                          "backbone_output_stride", "32", "train_h", "17", "train_w", "17", "batch_size", "2",
-                          "batch_size_val", "2", "epochs", "1", "workers", "0"])
+    summary = train_on(tmp_path, printed_command(out)[3:])
     assert (tmp_path / "model" / "train_epoch_1.pth").is_file()
     assert summary["epochs"] == 1 and np.isfinite(summary["train"]["loss"])
     assert summary["val"] is not None  # the config validates each epoch, on val.txt
+
+
+def test_no_validation_split_trains_without_validation(tmp_path, capsys, one_thread, monkeypatch):
+    """--val-fraction 0 (after a split that had one): train.txt only, an earlier val.txt removed, and the
+    printed command trains with evaluate False."""
+    make_folder(tmp_path, count=4)
+    assert run(tmp_path, capsys, "--val-fraction", "0.5")[0] == 0
+    assert (tmp_path / "lists" / "val.txt").is_file()
+    code, out, err = run(tmp_path, capsys, "--val-fraction", "0")
+    assert code == 0 and "no validation split" in err
+    assert not (tmp_path / "lists" / "val.txt").exists()
+    assert len(read_list(tmp_path / "lists" / "train.txt", tmp_path, "train")) == 4
+    command = printed_command(out)
+    assert "val_list" not in command and "test_list" not in command
+    assert command[command.index("evaluate") + 1] == "False"
+    monkeypatch.chdir(tmp_path)
+    summary = train_on(tmp_path, command[3:])
+    assert summary["epochs"] == 1 and summary["val"] is None

@@ -99,7 +99,8 @@ def test_orphans_reported_and_left_out(tmp_path, capsys):
     cv2.imwrite(str(tmp_path / "images" / "training" / "lonely_image.jpg"), np.zeros((40, 50, 3), np.uint8))
     cv2.imwrite(str(tmp_path / "annotations" / "validation" / "lonely_label.png"), np.zeros((40, 50), np.uint8))
     code, log = run(tmp_path, capsys)
-    assert code == 0
+    assert code == 1  # files left out of the lists
+    assert "2 file(s) left out of the lists" in log
     assert "image without label" in log and "lonely_image.jpg" in log
     assert "label without image" in log and "lonely_label.png" in log
     assert not any("lonely" in line for split in ("training", "validation")

@@ -97,6 +97,20 @@ def test_bad_label_is_named_and_left_out(tmp_path, capsys):
     assert (tmp_path / "list" / "val.txt").read_text().count("\n") == 1
 
 
+def test_missing_city_folder_is_left_out_with_status_1(tmp_path, capsys):
+    """A city whose images are missing: its labels are left out of the list, named, and the status is 1."""
+    import shutil
+
+    make_tree(tmp_path)
+    shutil.rmtree(tmp_path / "leftImg8bit" / "train" / "bochum")
+    assert prepare.main([str(tmp_path), "--workers", "1"]) == 1
+    log = capsys.readouterr().err
+    assert "label without image" in log and "bochum" in log
+    assert "2 file(s) left out of the lists" in log
+    lines = (tmp_path / "list" / "train.txt").read_text().splitlines()
+    assert len(lines) == 2 and not any("bochum" in line for line in lines)
+
+
 def test_missing_layout(tmp_path, capsys):
     (tmp_path / "leftImg8bit" / "train").mkdir(parents=True)
     assert prepare.main([str(tmp_path)]) == 2

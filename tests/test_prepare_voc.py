@@ -124,6 +124,18 @@ def test_bad_values_and_missing_labels(tmp_path, capsys):
     assert list_names(voc, "train_aug") == ["2007_000032", "2007_000039"]
 
 
+def test_missing_jpeg_is_left_out_with_status_1(tmp_path, capsys):
+    """A listed image whose JPEG is missing: named, left out of the list, and the status is 1."""
+    voc = tmp_path / "VOC2012"
+    make_trees(voc, None)
+    (voc / "JPEGImages" / "2007_000039.jpg").unlink()
+    assert prepare.main([str(voc), "--workers", "1"]) == 1
+    log = capsys.readouterr().err
+    assert f"image not found: {voc / 'JPEGImages' / '2007_000039.jpg'}" in log
+    assert "1 file(s) left out of the lists" in log
+    assert list_names(voc, "train") == ["2007_000032"]
+
+
 def test_missing_layout(tmp_path, capsys):
     (tmp_path / "JPEGImages").mkdir()
     assert prepare.main([str(tmp_path)]) == 2

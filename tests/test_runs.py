@@ -14,8 +14,10 @@ from test_docs import doc_section
 from util.config import load_cfg
 from util.engine import training
 from util.errors import CheckpointError, ConfigError
+from util.runtime.checkpoint_io import load_checkpoint_file
 from util.runtime.runs import (
     RELEASED_WEIGHTS_HINT,
+    checkpoint_path_problem,
     rebase_repository_paths,
     resolve_test_paths,
     results_folder,
@@ -171,6 +173,30 @@ def test_missing_imagenet_file_says_where_it_comes_from(tmp_path, train_tool):
     # The hint names a page and a section of the docs ("FILE, section 'NAME'"): both must exist.
     page, section = re.fullmatch(r"(\S+), section '([^']+)'", RELEASED_WEIGHTS_HINT).groups()
     assert "download" in doc_section(page, section)
+
+
+def test_exported_files_are_named_as_such_and_hints_only_where_they_apply(tmp_path, train_tool):
+    """An exported network as weight, resume or pretrained says what it is and where it can be used; a missing
+    one as model_path says how it is made; the released weights are pointed to only for a file that is not a
+    run's own checkpoint."""
+    config = write_tiny_config(tmp_path)
+    for suffix in (".onnx", ".torchscript"):
+        exported = tmp_path / f"model{suffix}"
+        exported.write_bytes(b"an exported network")
+        for key in ("weight", "resume", "pretrained"):
+            with pytest.raises(ConfigError) as error:
+                train_tool.main(["--config", str(config), key, str(exported)])
+            message = str(error.value)
+            assert message.startswith(f"{key} {exported} is an exported network ({suffix} file")
+            assert "give it as model_path to tool/test.py or tool/demo.py" in message and "corrupt" not in message
+        with pytest.raises(CheckpointError, match=r"is an exported network .* not a checkpoint \(\.pth\)"):
+            load_checkpoint_file(exported)
+    assert not (tmp_path / "model").exists()
+    missing = checkpoint_path_problem("model_path", str(tmp_path / "none.onnx"))
+    assert "tool/deployment/export.py" in missing and "--format onnx" in missing and "ADE20K" not in missing
+    run_file = checkpoint_path_problem("model_path", str(tmp_path / "model" / "train_epoch_2.pth"))
+    assert run_file == f"model_path file not found: {tmp_path / 'model' / 'train_epoch_2.pth'}"
+    assert "released ADE20K" in checkpoint_path_problem("weight", str(tmp_path / "pyconvresnet50_ade20k.pth"))
 
 
 def test_a_run_checkpoint_for_other_epochs_lists_what_the_run_has(tmp_path, test_tool):

@@ -310,3 +310,41 @@ def test_demo_on_a_folder_and_on_a_video(synthetic, tmp_path, capsys):
     assert ok and first.shape == (height, width, 3)
     assert "Video: [3/3]" in capsys.readouterr().out
     assert not list((tmp_path / "video_out").glob(".*tmp*"))
+
+
+def test_demo_mirrors_sub_folders_and_warns_on_a_truncated_video(synthetic, tmp_path, capsys):
+    """A folder's sub-folders are segmented into the same tree (one name in two folders is no clash; the
+    output folder inside the input is not read again); a video shorter than its container says is a warning."""
+    from tool.demo import main
+
+    folder = tmp_path / "photos"
+    (folder / "street").mkdir(parents=True)
+    (folder / ".hidden").mkdir()
+    image = cv2.imread(str(synthetic / "images/img0.png"))
+    for path in (folder / "p0.png", folder / "street" / "p0.png", folder / "street" / "p1.png",
+                 folder / ".hidden" / "p2.png"):
+        cv2.imwrite(str(path), image)
+    for run in range(2):  # the second run finds the first one's outputs inside the input folder
+        assert main(_argv(synthetic, "--image", folder, "--output", folder / "out")) == 0
+        assert "Demo: [3/3]" in capsys.readouterr().out, run
+    written = sorted(str(p.relative_to(folder / "out")) for p in (folder / "out").rglob("*.png"))
+    assert written == sorted(f"{name}_{kind}.png" for name in ("p0", "street/p0", "street/p1")
+                             for kind in ("gray", "color", "overlay"))
+
+    frames = 6
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5.0, image.shape[1::-1])
+    assert writer.isOpened()
+    rng = np.random.default_rng(0)
+    for _ in range(frames):  # noise: every JPEG frame is large, so a cut drops whole frames
+        writer.write(rng.integers(0, 256, image.shape, dtype=np.uint8))
+    writer.release()
+    data = video.read_bytes()
+    video.write_bytes(data[:int(len(data) * 0.6)])
+    assert int(cv2.VideoCapture(str(video)).get(cv2.CAP_PROP_FRAME_COUNT)) == frames
+    assert main(_argv(synthetic, "--image", video, "--output", tmp_path / "video_out")) == 0
+    out = capsys.readouterr().out
+    read = int(cv2.VideoCapture(str(tmp_path / "video_out" / "clip_overlay.mp4")).get(cv2.CAP_PROP_FRAME_COUNT))
+    assert 0 < read < frames
+    assert (f"video {video} ended after {read} of the {frames} frames its container reports "
+            f"(a truncated or damaged file?)") in out

@@ -2,14 +2,15 @@
 
     python tool/demo.py --config config/ade20k/ade20k_pyconvresnet50_pyconvsegnet.yaml \
         --image photo.jpg [--output DIR] [KEY VALUE ...]
-    python tool/demo.py --config ... --image photos/          # every image in the folder
+    python tool/demo.py --config ... --image photos/          # every image in the folder and its sub-folders
     python tool/demo.py --config ... --image street.mp4       # an overlay video
 
 Uses the weights of ``model_path`` (empty: the run's last checkpoint, as tool/test.py) and the
 test-time settings of the config (``scales``, ``base_size``, ``test_h``/``test_w``,
 ``test_batch_size``, ``precision``; palette ``colors_path``, names ``names_path``). For each image it
-writes DIR/NAME_gray.png (class ids), DIR/NAME_color.png and DIR/NAME_overlay.png; for a video
-DIR/NAME_overlay.mp4 (util/evaluation/segment_files.py), with progress lines for folders and videos.
+writes DIR/NAME_gray.png (class ids), DIR/NAME_color.png and DIR/NAME_overlay.png (a folder's
+sub-folders mirrored in DIR); for a video DIR/NAME_overlay.mp4 (util/evaluation/segment_files.py), with progress
+lines for folders and videos.
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise ConfigError("model_path must be set to the weights to run (or save_path and epochs of a run)")
     check_checkpoint_paths(cfg, ("model_path",))
     kind = input_kind(args.image)
-    images = folder_images(args.image) if kind == "folder" else None
+    images = folder_images(args.image, skip=Path(args.output)) if kind == "folder" else None
     model = load_inference_model(cfg, cfg.model_path, device)
     kwargs = inference_kwargs(cfg)
     logger.info(f"=> {cfg.model_path} on {device}: {kind} {args.image}, scales {kwargs['scales']}, "
@@ -72,8 +73,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logger.info(f"=> overlay video: {path}")
         return 0
     if kind == "folder":
-        results = segment_folder(predict, images, output, palette, args.alpha, logger)
-        logger.info(f"=> {len(results)} images: NAME_gray.png, NAME_color.png, NAME_overlay.png in {output}")
+        results = segment_folder(predict, images, output, palette, args.alpha, logger, root=Path(args.image))
+        logger.info(f"=> {len(results)} images: NAME_gray.png, NAME_color.png, NAME_overlay.png in {output} "
+                    f"(sub-folders mirrored)")
         return 0
 
     result = segment_image(predict, Path(args.image), output, palette, args.alpha)

@@ -11,7 +11,9 @@
 # save_path must be a directory every node shares. A stop signal (SIGTERM on preemption, or SIGUSR1
 # sent ahead with --signal) makes training save a mid-epoch checkpoint and exit with 128 + the
 # signal's number; the same command with "resume auto" continues (README, "SLURM": a job file that
-# requeues itself). tool/slurm_test.sh runs this script with tool/test.sh as the task.
+# requeues itself). tool/slurm_test.sh runs this script with tool/test.sh as the task. DATASET EXP are
+# checked here as train.sh checks them (tool/wrapper_common.sh): a config that does not exist is status 2
+# before srun runs; --help prints the usage with status 0.
 set -eu
 
 task=${SLURM_TASK_SCRIPT:-train.sh}  # set by tool/slurm_test.sh
@@ -20,21 +22,22 @@ usage() {
   echo "  runs 'sh tool/${task} DATASET EXP [KEY VALUE ...]' in GPUS srun tasks, GPUS_PER_NODE per node" >&2
 }
 
+. "$(dirname "$0")/wrapper_common.sh"
+case "${1:-}" in -h|--help) usage; exit 0 ;; esac
 if [ "$#" -lt 4 ]; then
   usage
   exit 2
 fi
-case "$1" in -h|--help) usage; exit 0 ;; esac
 
 partition=$1
 job_name=$2
 shift 2
+find_config "$@"  # a mistyped DATASET or EXP stops here, before srun asks for an allocation
 GPUS=${GPUS:-8}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 CPUS_PER_TASK=${CPUS_PER_TASK:-5}
 SRUN_ARGS=${SRUN_ARGS:-}
 tasks_per_node=$(( GPUS < GPUS_PER_NODE ? GPUS : GPUS_PER_NODE ))
-repo_dir=$(cd "$(dirname "$0")/.." && pwd)
 unset NPROC SLURM_TASK_SCRIPT  # srun starts the processes: train.sh must not start torchrun in each task
 
 # shellcheck disable=SC2086  # SRUN_ARGS holds several options

@@ -1,4 +1,5 @@
-# Sourced by tool/train.sh and tool/test.sh (POSIX sh): what both do before they start Python.
+# Sourced by tool/train.sh, tool/test.sh and tool/slurm_train.sh (POSIX sh): what they do before they start
+# Python (or srun).
 # Needs a usage() function and the script's arguments; sets repo_dir, PYTHON and config.
 #
 #   . "$(dirname "$0")/wrapper_common.sh"

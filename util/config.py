@@ -240,7 +240,8 @@ def _is_none_text(text: str) -> bool:
 
 def parse_value(text: Any) -> Any:
     """A command-line value as a Python literal (``'0.01'`` -> 0.01, ``'[1.0]'`` -> [1.0]);
-    ``''``/``null``/``None`` -> None; anything else stays a string."""
+    ``''``/``null``/``None`` -> None; a list in YAML's flow form, as a config file writes it
+    (``'[a.py, b.py]'`` -> ['a.py', 'b.py']); anything else stays a string."""
     if not isinstance(text, str):
         return text
     if _is_none_text(text):
@@ -252,7 +253,15 @@ def parse_value(text: Any) -> Any:
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        return text
+        pass
+    if text.strip().startswith("[") and text.strip().endswith("]"):
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            return text
+        if isinstance(value, list):
+            return value
+    return text
 
 
 def _check_type(key: str, value: Any, reference: Any, source: str) -> Any:
@@ -384,6 +393,9 @@ def import_custom_modules(names: Iterable[str]) -> None:
                 importlib.import_module(name)
         except ImportError as exc:
             raise ConfigError(f"custom_imports: cannot import '{name}' ({exc})") from None
+        except SyntaxError as exc:  # IndentationError and TabError included
+            raise ConfigError(f"custom_imports: cannot import '{name}': {exc.filename}, line {exc.lineno}: "
+                              f"{type(exc).__name__}: {exc.msg}") from None
 
 
 def apply_overrides(cfg: CfgNode, overrides: Sequence[str]) -> CfgNode:

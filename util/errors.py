@@ -14,5 +14,9 @@ class DataError(ValueError):
     """A problem with the data on disk (list file, image or label), with a message saying where."""
 
 
+class EmptyListError(DataError):
+    """A list file without a single entry (tool/train.py refuses it before a run starts)."""
+
+
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the run stops (the last saved checkpoint is kept)."""

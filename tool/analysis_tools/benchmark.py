@@ -5,12 +5,14 @@
 Everything is measured in the same process on the current machine, so the ratios are meaningful even
 when the absolute numbers are not comparable between machines (the jobs: benchmark_jobs/):
 
-* ``matmul``: GFLOP/s of a 4096^3 matmul in float32 and bfloat16 (and float16 on CUDA): the limit.
+* ``peak``: the machine's arithmetic limit in float32 and bfloat16 (and float16 on CUDA): the fastest
+  of the kernels probed in that dtype (a 4096^3 matmul, a 1x1 convolution of 4096 channels and a 3x3
+  convolution of 512 channels on a 64x64 map, channels_last; ``kernel`` names the one that set it).
 * ``eval``: the test path of ``tool/test.py`` (``util.evaluation.inference.load_inference_model``'s model:
   BatchNorm folded, channels_last, ``torch.compile`` with freezing when ``compile True``;
   ``predict_multiscale`` with the config's window batch) on one ``--image-size`` image: seconds per
-  image and ``utilisation`` = model GFLOP done / seconds / matmul GFLOP/s of the same dtype,
-  measured again just before that job (``matmul_gflops_before``; a shared host's speed drifts).
+  image and ``utilisation`` = model GFLOP done / seconds / peak GFLOP/s of the same dtype,
+  measured again just before that job (``peak_gflops_before``; a shared host's speed drifts).
   ``--onnxruntime`` also exports the model to ONNX and times the same test through onnxruntime in
   fp32 (``onnxruntime_fp32``, with its ratio to PyTorch fp32 and the pixels both predict alike).
   ``--compare-naive`` also times the release's loop (tests/release_reference.py: one window and its
@@ -49,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 from tool.analysis_tools.benchmark_jobs import command  # noqa: E402
-from tool.analysis_tools.benchmark_jobs.measure import GIB, log, matmul_rate, peak_rss_gib  # noqa: E402
+from tool.analysis_tools.benchmark_jobs.measure import GIB, log, peak_rate, peak_rss_gib  # noqa: E402
 from tool.analysis_tools.benchmark_jobs.report import benchmark_table  # noqa: E402
 from util.engine.precision import PRECISIONS  # noqa: E402
 from util.errors import ConfigError  # noqa: E402
@@ -80,8 +82,10 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--train-iters", type=int, default=3, help="timed training steps per precision (default 3)")
     parser.add_argument("--data-batches", type=int, default=8,
                         help="timed DataLoader batches, alone and through the training step (default 8)")
-    parser.add_argument("--matmul-size", type=int, default=4096, help="matmul side (default 4096)")
-    parser.add_argument("--matmul-repeats", type=int, default=3, help="timed matmuls per dtype (default 3)")
+    parser.add_argument("--matmul-size", type=int, default=4096,
+                        help="size N of the peak probes: N^3 matmul, 1x1 conv of N and 3x3 conv of N/8 channels "
+                             "on a 64x64 map (default 4096)")
+    parser.add_argument("--matmul-repeats", type=int, default=3, help="timed calls per probe and dtype (default 3)")
     parser.add_argument("--skip-eval", action="store_true", help="no sliding-window timing")
     parser.add_argument("--skip-train", action="store_true", help="no training timing")
     parser.add_argument("--skip-data", action="store_true", help="no data-loading timing")
@@ -125,17 +129,18 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
         raise ConfigError("fp16 autocast is CUDA-only here; use --precisions fp32 bf16 on the CPU")
     started = time.perf_counter()
     result = command.describe(cfg, args, overrides, device, malloc_tuned)
-    log(f"matmul {args.matmul_size}^3 in {', '.join(precisions)}")
-    result["matmul"] = {p: matmul_rate(p, device, args.matmul_size, args.matmul_repeats)
-                        for p in precisions}
-    log("matmul GFLOP/s: " + ", ".join(f"{p} {r['gflops']:.1f}" for p, r in result["matmul"].items()))
+    log(f"peak probes (matmul and convolutions, size {args.matmul_size}) in {', '.join(precisions)}")
+    result["peak"] = {p: peak_rate(p, device, args.matmul_size, args.matmul_repeats) for p in precisions}
+    for p, peak in result["peak"].items():
+        log(f"peak {p}: {peak['gflops']:.1f} GFLOP/s, set by {peak['kernel']} ("
+            + ", ".join(f"{name} {rate:.1f}" for name, rate in peak["probes"].items()) + ")")
 
     def limit_now(precision: str) -> float:
-        """The matmul rate measured again just before a timed job: on a shared host the machine's
+        """The peak rate measured again just before a timed job: on a shared host the machine's
         speed drifts over minutes, and a ratio is only fair between numbers measured side by side."""
-        rate = matmul_rate(precision, device, args.matmul_size, args.matmul_repeats)["gflops"]
-        log(f"matmul {precision} just before the job: {rate:.1f} GFLOP/s")
-        return rate
+        peak = peak_rate(precision, device, args.matmul_size, args.matmul_repeats)
+        log(f"peak {precision} just before the job: {peak['gflops']:.1f} GFLOP/s, set by {peak['kernel']}")
+        return peak["gflops"]
 
     model = command.benchmark_model(cfg, result)
     if not args.skip_eval:

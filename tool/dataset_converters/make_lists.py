@@ -10,24 +10,30 @@ training, util/data/dataset.py). Every pair is checked; each bad file is named w
 and the exit status is 1. Images without a label and labels without an image are warnings.
 
 Writes ``OUT/train.txt`` and ``OUT/val.txt``: a reproducible split (the same files and ``--seed`` give the
-same split) with ``--val-fraction`` of the pairs (at least one) for validation. Paths are relative to
+same split) with ``--val-fraction`` of the pairs (at least one) for validation. With ``--val-fraction 0``
+(or a single pair) there is no validation split: only ``OUT/train.txt`` is written (an earlier
+``OUT/val.txt`` is removed) and the printed command trains with ``evaluate False``. Paths are relative to
 ``--data-root`` (default: the folder holding IMAGES and LABELS). Lists are rewritten only when they change.
-Prints the per-class pixel frequencies of each split and the ``KEY VALUE`` overrides that train on the lists:
+Prints the per-class pixel frequencies of each split and a shell-quoted command, with absolute paths, that
+trains on the lists from any directory:
 
-    ./tool/train.sh custom pyconvresnet50_pyconvsegnet data_root DIR train_list OUT/train.txt ... classes N
+    /path/to/repository/tool/train.sh custom pyconvresnet50_pyconvsegnet data_root DIR \
+        train_list OUT/train.txt ... classes N
 """
 from __future__ import annotations
 
 import argparse
 import os
 import random
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_ROOT))
 
 from util.data.dataset import IMAGE_EXTENSIONS, load_image, load_label, read_names  # noqa: E402
 from util.data.preparation import (  # noqa: E402
@@ -95,6 +101,16 @@ def list_line(data_root: Path, image: Path, label: Path) -> str:
     return f"{image_rel}{separator}{label_rel}"
 
 
+def train_command(data_root: Path, out: Path, classes: int, ignore_label: int, has_val: bool = True) -> str:
+    """The shell-quoted tool/train.sh command that trains the custom config on the lists in ``out``. Every
+    path in it is absolute, so it runs from any directory (the wrapper finds the repository itself).
+    Without a validation list (``has_val`` False) it trains with ``evaluate False``."""
+    lists = ["train_list", str(out / "train.txt")]
+    lists += ["val_list", str(out / "val.txt"), "test_list", str(out / "val.txt")] if has_val else ["evaluate", "False"]
+    return shlex.join([str(REPO_ROOT / "tool" / "train.sh"), "custom", "pyconvresnet50_pyconvsegnet",
+                       "data_root", str(data_root), *lists, "classes", str(classes), "ignore_label", str(ignore_label)])
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -152,16 +168,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         log("ERROR no usable pair: no list written")
         return 1
     train, val = split_names(sorted(counts), args.val_fraction, args.seed)
-    for split, split_names_ in (("train", train), ("val", val)):
+    if not val:  # --val-fraction 0, or a single pair: no val.txt (an earlier split's would mix with this one)
+        log(f"no validation split ({len(train)} pair(s), --val-fraction {args.val_fraction}): train.txt only, "
+            f"training with evaluate False")
+        if (args.out / "val.txt").is_file():
+            (args.out / "val.txt").unlink()
+            log(f"list {args.out / 'val.txt'}: removed (it held an earlier split)")
+    for split, split_names_ in (("train", train), ("val", val)) if val else (("train", train),):
         write_list(args.out / f"{split}.txt", [list_line(data_root, images[n], labels[n]) for n in split_names_])
         print(f"{split}: {len(split_names_)} images, pixels per class:")
         print("\n".join(frequency_table(sum((counts[n] for n in split_names_), np.zeros(256, np.int64)),
                                         args.classes, args.ignore_label, class_names)))
     out = args.out.resolve()
     print(f"{len(errors)} bad file(s) left out" + (" (see the errors above)" if errors else ""))
-    print(f"train (from the repository root) with: ./tool/train.sh custom pyconvresnet50_pyconvsegnet "
-          f"data_root {data_root} train_list {out / 'train.txt'} val_list {out / 'val.txt'} "
-          f"test_list {out / 'val.txt'} classes {args.classes} ignore_label {args.ignore_label}")
+    print(f"train (from any directory) with: "
+          f"{train_command(data_root, out, args.classes, args.ignore_label, has_val=bool(val))}")
     return 1 if errors else 0
 
 

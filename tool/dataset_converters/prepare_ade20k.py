@@ -14,7 +14,7 @@ annotation value 0 is "other" and 1..150 are the classes. This writes
 
 Re-runnable and safe to interrupt (util/data/preparation.py): finished labels are skipped, outputs are
 written atomically, lists are rewritten only when they change. Images without a label and labels
-without an image are warnings and left out. A label that is unreadable, not single-channel or holds
+without an image are warnings and left out (exit status 1). A label that is unreadable, not single-channel or holds
 values > 150 is an error naming the file: it is left out and the exit status is 1. A ROOT without
 the expected folders is status 2. Progress lines with an ETA go to stderr.
 """

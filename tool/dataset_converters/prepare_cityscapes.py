@@ -13,8 +13,9 @@ ROOT is the folder where leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zi
 
 Re-runnable and safe to interrupt (util/data/preparation.py: finished labels are skipped, outputs are written
 atomically, lists rewritten only when they change). A labelIds file that is unreadable, not single-channel
-or holds ids above 33 is an error naming the file (left out, exit status 1); a ROOT without the expected
-folders is status 2. Progress lines with an ETA go to stderr.
+or holds ids above 33 is an error naming the file (left out, exit status 1); an image without its labelIds
+file (or one without its image, e.g. a city folder missing on one side) is a warning, left out, and the
+exit status is 1 too; a ROOT without the expected folders is status 2. Progress lines with an ETA go to stderr.
 """
 from __future__ import annotations
 

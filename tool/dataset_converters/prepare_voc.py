@@ -17,7 +17,8 @@ accepted too). This writes
   ROOT, the data_root).
 
 Reading SBD's .mat files needs scipy (``pip install -r requirements-datasets.txt``). Re-runnable and safe to
-interrupt (util/data/preparation.py). A listed image without a picture or a label is a warning and left out; a
+interrupt (util/data/preparation.py). A listed image without a picture or a label is a warning and left out
+(exit status 1); a
 label that is unreadable or holds values outside 0..20 (and 255 for VOC) is an error naming the file (left
 out, exit status 1); a ROOT or SBD_ROOT without the expected files is status 2.
 """

@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 import torch.utils.data
 
-from util.errors import DataError
+from util.errors import DataError, EmptyListError
 
 __all__ = [
     "ListEntry", "read_list", "read_list_entries", "check_listed_files", "output_names", "load_image", "load_label",
@@ -124,7 +124,7 @@ def read_list_entries(list_path, data_root, split: str) -> list[ListEntry]:
             raise DataError(f"{where}: expected 'IMAGE LABEL' (only split 'test' may omit the label), "
                             f"got {line!r}")
     if not entries:
-        raise DataError(f"list file {list_path} has no entries")
+        raise EmptyListError(f"list file {list_path} has no entries")
     return entries
 
 

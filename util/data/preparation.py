@@ -9,7 +9,8 @@ write) and its label mapping; this module does the rest, identically for every d
   (``write_atomically``): a file under its final name is always complete, and the temporaries an
   interrupted run left behind are removed (and their labels redone) by the next run;
 * a label that cannot be converted is an error naming the file; it is left out of the lists and the
-  tool exits with status 1 (``run_preparation``, the tools' shared command line);
+  tool exits with status 1 (``run_preparation``, the tools' shared command line), as it does when an
+  image or a label has no partner and is left out;
 * list files are rewritten only when their content changes (``write_list``);
 * label mappings are lookup tables applied by ``remap``: a value outside the table is an error
   naming the values, never a silent ignore.
@@ -310,8 +311,9 @@ def run_preparation(argv: Optional[Sequence[str]], doc: str, root_help: str,
 
     ``check_layout(args)`` returns what is wrong with the folders given (exit status 2) or None;
     ``prepare(args)`` does the work and returns (files that failed, files left out of the lists). The
-    status is 1 when a file failed or the disk refused a write (OSError), else 0; the last line says
-    how long it took.
+    status is 1 when a file failed, a file was left out of the lists (an image without its label, a
+    label without its image) or the disk refused a write (OSError), else 0; the last line says how
+    long it took.
     """
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[-1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -333,7 +335,7 @@ def run_preparation(argv: Optional[Sequence[str]], doc: str, root_help: str,
         return 1
     log(f"done in {_format_duration(time.monotonic() - start)}: {errors} error(s), "
         f"{left_out} file(s) left out of the lists")
-    return 1 if errors else 0
+    return 1 if errors or left_out else 0
 
 
 # ------------------------------------------------------------------ where each dataset comes from

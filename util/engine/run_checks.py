@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 import uuid
 
+from util.data.dataset import read_list_entries
 from util.data.preparation import missing_list_hint
 from util.engine.precision import check_device_support
-from util.errors import ConfigError
+from util.errors import ConfigError, DataError, EmptyListError
 from util.runtime import distributed
 from util.runtime.runs import check_checkpoint_paths
 
@@ -42,6 +43,16 @@ def check_run_config(cfg) -> None:
             raise ConfigError("evaluate is True but val_list is not set")
         if not os.path.isfile(cfg.val_list):
             raise ConfigError(f"val_list file not found: {cfg.val_list}{missing_list_hint(cfg.val_list)}")
+    for key, split in [("train_list", "train")] + ([("val_list", "val")] if cfg.evaluate else []):
+        # An empty list stops the run before its log and config are written (on every rank, as a config
+        # error); a malformed line stays a data error (status 1), reported when the datasets are built.
+        try:
+            read_list_entries(cfg[key], cfg.data_root, split)
+        except EmptyListError as error:
+            raise ConfigError(f"{key}: {error}" + ("; evaluate False trains without validation"
+                                                   if key == "val_list" else "")) from None
+        except DataError:
+            pass
     check_checkpoint_paths(cfg, ("weight", "pretrained", "resume"))
     if cfg.start_epoch < 0 or cfg.start_epoch >= cfg.epochs:
         raise ConfigError(f"start_epoch must be in [0, epochs), got {cfg.start_epoch} with epochs {cfg.epochs}")

@@ -15,11 +15,18 @@ take an exported file as ``model_path`` (:func:`is_exported_model`, by extension
 
 onnx, onnxscript and onnxruntime are optional (``requirements-export.txt``); they are imported
 only when an ONNX file is written or read.
+
+An exported file is a program, not data: ``torch.jit.load`` runs the TorchScript code inside the
+archive (``weights_only`` loading, which guards every ``.pth`` checkpoint, does not apply), and
+onnxruntime executes the ONNX graph. Load exported files only from a source you trust; loading a
+TorchScript file logs a one-line note saying so.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shlex
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -40,6 +47,10 @@ TORCHSCRIPT_METADATA = "metadata.json"  # the TorchScript archive's extra file h
 RELATIVE_TOLERANCE = 1e-4
 CHECK_BATCH_SIZES = (1, 2, 3)
 INSTALL_HINT = "pip install -r requirements-export.txt"
+LOGGER_NAME = "pyconvsegnet"  # util.runtime.log.get_logger's: the tools' log
+TORCHSCRIPT_TRUST_NOTE = ("note: {path} was loaded with torch.jit.load, which runs the program inside the file "
+                          "(weights_only safety covers .pth checkpoints only): load exported files only from a "
+                          "source you trust")
 
 
 class ExportedModelError(CheckpointError):
@@ -49,6 +60,23 @@ class ExportedModelError(CheckpointError):
 def is_exported_model(path) -> bool:
     """True for a path with an exported format's extension (``.onnx``, ``.torchscript``)."""
     return path is not None and Path(str(path)).suffix.lower() in FORMAT_SUFFIXES.values()
+
+
+def not_a_checkpoint_message(path, key: Optional[str] = None) -> str:
+    """Why an exported file cannot be read as a checkpoint (or be ``key``: weight, resume, pretrained, the
+    keys that take a ``.pth`` checkpoint), and where it can be used instead."""
+    what = (f"{path} is an exported network ({Path(str(path)).suffix} file: the eval-mode network for inference, "
+            f"without the state_dict, optimizer and config a checkpoint holds), not a checkpoint")
+    if key is None:
+        return f"{what} (.pth); to run it, give it as model_path to tool/test.py or tool/demo.py"
+    return (f"{key} {what}: {key} takes a .pth checkpoint; to run the exported file, give it "
+            f"as model_path to tool/test.py or tool/demo.py")
+
+
+def missing_export_message(key: str, path) -> str:
+    """A missing exported file given as ``key``: how such a file is made."""
+    return (f"{key} file not found: {path} (an exported network is written by tool/deployment/export.py "
+            f"--config CFG model_path CHECKPOINT --format {format_of(path)} --output {shlex.quote(str(path))})")
 
 
 def format_of(path) -> str:
@@ -300,6 +328,7 @@ def load_exported_model(path, device: torch.device = torch.device("cpu"), cfg=No
                 network = torch.jit.load(path, map_location=device, _extra_files=extra)
         except Exception as error:  # RuntimeError / zipfile errors for a bad archive
             raise ExportedModelError(f"{path} is not a readable TorchScript file ({_first_line(error)})") from None
+        logging.getLogger(LOGGER_NAME).info(TORCHSCRIPT_TRUST_NOTE.format(path=path))
         try:
             raw = json.loads(extra[TORCHSCRIPT_METADATA] or "{}")
         except ValueError:

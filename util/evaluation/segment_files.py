@@ -2,8 +2,11 @@
 sliding-window settings (util/evaluation/inference.py). tool/demo.py is its command line.
 
 * an image: ``NAME_gray.png`` (class ids), ``NAME_color.png`` and ``NAME_overlay.png`` in the output folder;
-* a folder: the same three files for every image in it (sorted by name, not recursive);
-* a video: ``NAME_overlay.mp4``, every frame blended with its colour map, at the video's frame rate.
+* a folder: the same three files for every image in it and in its sub-folders (sorted by path), each
+  in the output folder's mirror of its sub-folder (``photos/street/a.jpg`` -> ``OUT/street/a_gray.png``);
+  hidden folders and the output folder itself (when it lies inside the input) are not read;
+* a video: ``NAME_overlay.mp4``, every frame blended with its colour map, at the video's frame rate; a
+  video that ends before the frame count its container reports (a truncated file) is a warning.
 
 Long inputs log ``[done/total]`` progress lines with the time per item and an ETA.
 """
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import cv2
 import numpy as np
@@ -35,12 +38,18 @@ def input_kind(path: str) -> str:
     return "video" if Path(path).suffix.lower() in VIDEO_EXTENSIONS else "image"
 
 
-def folder_images(folder: str) -> List[Path]:
-    """The image files directly in ``folder``, sorted by name; an error when there are none."""
-    images = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+def folder_images(folder: str, skip: Optional[Path] = None) -> List[Path]:
+    """The image files in ``folder`` and its sub-folders, sorted by path; an error when there are none.
+    Hidden folders and ``skip`` (the output folder, when it lies inside ``folder``) are not read."""
+    skip_path = Path(skip).resolve() if skip is not None else None
+    images = []
+    for directory, subdirectories, files in os.walk(folder):
+        subdirectories[:] = [name for name in subdirectories if not name.startswith(".")
+                             and (skip_path is None or Path(directory, name).resolve() != skip_path)]
+        images += [Path(directory, name) for name in files if Path(name).suffix.lower() in IMAGE_EXTENSIONS]
     if not images:
-        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {folder}")
-    return images
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {folder} or its sub-folders")
+    return sorted(images)
 
 
 def segment(predict: Callable[[np.ndarray], np.ndarray], image: np.ndarray, palette: np.ndarray,
@@ -62,17 +71,21 @@ def segment_image(predict, image_path: Path, output: Path, palette: np.ndarray, 
 
 
 def segment_folder(predict, images: List[Path], output: Path, palette: np.ndarray, alpha: float,
-                   logger) -> List[Dict[str, Path]]:
-    """:func:`segment_image` for every image, with progress; two images of one name are refused up front."""
-    stems: Dict[str, Path] = {}
-    for path in images:
-        if path.stem in stems:
-            raise DataError(f"{stems[path.stem]} and {path} would write the same output names")
-        stems[path.stem] = path
+                   logger, root: Optional[Path] = None) -> List[Dict[str, Path]]:
+    """:func:`segment_image` for every image, with progress; two images of one name are refused up front.
+    With ``root`` (the folder the images were found in), each image's outputs go to ``output``'s mirror of
+    its sub-folder of ``root``; without it, all to ``output``."""
+    targets = [output / path.parent.relative_to(root) if root is not None else output for path in images]
+    stems: Dict[Path, Path] = {}
+    for path, target in zip(images, targets):
+        if target / path.stem in stems:
+            raise DataError(f"{stems[target / path.stem]} and {path} would write the same output names")
+        stems[target / path.stem] = path
     progress = ProgressLine("Demo", len(images), logger, unit="image")
     results = []
-    for done, path in enumerate(images, 1):
-        results.append(segment_image(predict, path, output, palette, alpha))
+    for done, (path, target) in enumerate(zip(images, targets), 1):
+        target.mkdir(parents=True, exist_ok=True)
+        results.append(segment_image(predict, path, target, palette, alpha))
         progress.update(done)
     return results
 
@@ -113,6 +126,9 @@ def segment_video(predict, video_path: str, output: Path, palette: np.ndarray, a
         raise DataError(f"video {video_path} has no readable frames")
     if total is None or done != total:
         progress.update(done, last=True)
+    if total is not None and done < total:
+        logger.warning(f"video {video_path} ended after {done} of the {total} frames its container reports "
+                       f"(a truncated or damaged file?): the overlay has {done} frames")
     os.replace(temporary, path)
     return path
 

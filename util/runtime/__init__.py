@@ -1,0 +1,1 @@
+"""Where and how a run runs: its environment, recorded beside its results."""

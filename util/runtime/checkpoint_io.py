@@ -1,8 +1,12 @@
 """Checkpoint I/O in one place: safe loading, state-dict extraction, strict loading, atomic saving.
 
-* Every file is read with ``torch.load(weights_only=True, map_location="cpu")``: a checkpoint can
-  hold tensors, numbers, strings, lists and dicts, never arbitrary Python objects (which could run
-  code while unpickling). Store plain Python numbers (``float(x)``), not numpy scalars.
+* Every checkpoint (``.pth``: weight, resume, pretrained, model_path) is read with
+  ``torch.load(weights_only=True, map_location="cpu")``: a checkpoint can hold tensors, numbers,
+  strings, lists and dicts, never arbitrary Python objects (which could run code while unpickling).
+  Store plain Python numbers (``float(x)``), not numpy scalars. Exported networks (``.onnx``,
+  ``.torchscript`` as model_path) are not checkpoints and are not read here: util/evaluation/deploy.py loads them,
+  a TorchScript file with ``torch.jit.load``, which runs the program inside the archive, so the
+  ``weights_only`` guarantee does not cover them (load exported files only from a source you trust).
 * Problems are reported as a one-line :class:`CheckpointError` naming the file and what is wrong.
 * Weights are always loaded strictly; a mismatch lists the missing, unexpected and wrongly shaped
   keys instead of being silently ignored.
@@ -48,6 +52,10 @@ def load_checkpoint_file(path: PathLike) -> Any:
             Python objects other than tensors and plain containers.
     """
     path = os.fspath(path)
+    from util.evaluation.deploy import is_exported_model, not_a_checkpoint_message
+
+    if is_exported_model(path):  # torch.load would call it corrupted (ONNX) or hand it to torch.jit.load
+        raise CheckpointError(not_a_checkpoint_message(path))
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint file {path} does not exist")
     if not os.path.isfile(path):

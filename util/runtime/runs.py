@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 from util.errors import ConfigError
+from util.evaluation.deploy import is_exported_model, missing_export_message, not_a_checkpoint_message
 from util.runtime import distributed
 from util.runtime.checkpoint_io import PathLike
 from util.runtime.cli import StopSignals, TrainingStopped
@@ -160,8 +161,13 @@ def checkpoint_path_problem(key: str, path: str) -> Optional[str]:
     """None when ``path`` is a file; else a message saying what ``path`` is and what to give instead.
 
     A directory is named as one (with the checkpoints of a run directory listed); a missing
-    ImageNet file (``pretrained``) says where it comes from and how to train without it.
+    ImageNet file (``pretrained``) says where it comes from and how to train without it. An exported
+    network (``.onnx``, ``.torchscript``) as ``weight``, ``resume`` or ``pretrained`` is named as one,
+    with where it can be used (model_path); a missing one says how it is made. The released weights
+    are pointed to only for a file that is not a run's own (``train_epoch_N.pth``, ``best_mIoU.pth``).
     """
+    if is_exported_model(path) and key in ("weight", "resume", "pretrained"):
+        return not_a_checkpoint_message(path, key)
     if os.path.isfile(path):
         return None
     if os.path.isdir(path):
@@ -180,6 +186,8 @@ def checkpoint_path_problem(key: str, path: str) -> Optional[str]:
         return (f"pretrained file not found: {path}: it is the ImageNet classification checkpoint of the backbone "
                 f"(download page and file names: {RELEASED_WEIGHTS_HINT}); or set pretrained '' to train "
                 f"from scratch")
+    if is_exported_model(path):
+        return missing_export_message(key, path)
     message = f"{key} file not found: {path}"
     folder = os.path.dirname(path)
     if folder and os.path.isdir(folder):
@@ -189,7 +197,10 @@ def checkpoint_path_problem(key: str, path: str) -> Optional[str]:
         if found:
             message += (f" ({folder} holds {', '.join(found)}; a run's checkpoint is found from save_path and "
                         f"epochs, so give the same epochs as for training, or {key} with one of these)")
-    if key in ("model_path", "weight", "best_mIoU_model_path"):
+    name = os.path.basename(path)
+    run_file = (name == BEST_CHECKPOINT or EPOCH_CHECKPOINT_PATTERN.match(name)
+                or MID_EPOCH_CHECKPOINT_PATTERN.match(name))
+    if key in ("model_path", "weight", "best_mIoU_model_path") and not run_file:  # a run's own file is not released
         message += f"; the released ADE20K checkpoints are listed in {RELEASED_WEIGHTS_HINT}"
     return message
 

@@ -51,7 +51,7 @@ def time_prediction(model: nn.Module, image, kwargs: Dict, args, device: torch.d
     timing = time_calls(once, args.eval_iters, device)
     record = {"seconds_per_image": timing["best_s"], "seconds_median": timing["median_s"],
               "warmup_calls": timing["warmup_calls"], "gflops": gflop / timing["best_s"],
-              "matmul_gflops_before": limit, "utilisation": utilisation(gflop, timing["best_s"], limit)}
+              "peak_gflops_before": limit, "utilisation": utilisation(gflop, timing["best_s"], limit)}
     return record, holder["pred"].cpu()
 
 

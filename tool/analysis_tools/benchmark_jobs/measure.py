@@ -1,5 +1,6 @@
-"""Timing on a shared machine: warm-up to steady state, best-of timings, the matmul rate each job
-is judged against, peak memory, the machine, and running a job in a fresh process."""
+"""Timing on a shared machine: warm-up to steady state, best-of timings, the peak rate each job is
+judged against (the fastest of matmul and convolution probes), peak memory, the machine, and running a
+job in a fresh process."""
 from __future__ import annotations
 
 import json
@@ -75,19 +76,73 @@ def time_calls(fn: Callable[[], object], repeats: int, device: torch.device, war
             "warmup_calls": warmup_calls}
 
 
-def matmul_rate(precision: str, device: torch.device, size: int, repeats: int) -> Dict:
-    """GFLOP/s of a ``size``^3 matmul (2 size^3 FLOP) in the dtype of ``precision`` (fp32: float32,
-    else its autocast dtype): the machine's arithmetic limit for that precision."""
+def _probe_dtype(precision: str) -> torch.dtype:
+    """The dtype a probe of ``precision`` runs in: float32 for fp32, else its autocast dtype."""
     from util.engine.precision import autocast_dtype_for
 
-    dtype = autocast_dtype_for(precision) or torch.float32
+    return autocast_dtype_for(precision) or torch.float32
+
+
+def _rate(fn: Callable[[], object], flop: float, repeats: int, device: torch.device) -> Dict:
+    timing = time_calls(fn, repeats, device, warmup=1)
+    return {"gflops": flop / timing["best_s"] / 1e9, "gflops_median": flop / timing["median_s"] / 1e9}
+
+
+def matmul_rate(precision: str, device: torch.device, size: int, repeats: int) -> Dict:
+    """GFLOP/s of a ``size``^3 matmul (2 size^3 FLOP) in the dtype of ``precision`` (fp32: float32,
+    else its autocast dtype)."""
+    dtype = _probe_dtype(precision)
     generator = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
     b = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
-    timing = time_calls(lambda: torch.mm(a, b), repeats, device, warmup=1)
-    flop = 2.0 * size ** 3
-    return {"gflops": flop / timing["best_s"] / 1e9, "gflops_median": flop / timing["median_s"] / 1e9,
-            "size": size, "repeats": repeats}
+    return {**_rate(lambda: torch.mm(a, b), 2.0 * size ** 3, repeats, device), "size": size, "repeats": repeats}
+
+
+def conv_rate(precision: str, device: torch.device, channels: int, kernel_size: int, side: int,
+              repeats: int) -> Dict:
+    """GFLOP/s of a stride-1 ``kernel_size`` convolution of ``channels`` to ``channels`` on one
+    ``side x side`` map, channels_last, in the dtype of ``precision`` (2 C^2 k^2 side^2 FLOP): the
+    convolution kernels (oneDNN on the CPU, cuDNN on CUDA) the model's layers run on."""
+    dtype = _probe_dtype(precision)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    image = torch.randn(1, channels, side, side, generator=generator).to(device=device, dtype=dtype)
+    weight = torch.randn(channels, channels, kernel_size, kernel_size, generator=generator) / (channels * kernel_size)
+    image = image.contiguous(memory_format=torch.channels_last)
+    weight = weight.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    flop = 2.0 * channels * channels * kernel_size ** 2 * side ** 2
+
+    def convolve():
+        with torch.no_grad():
+            return torch.nn.functional.conv2d(image, weight, padding=kernel_size // 2)
+
+    return {**_rate(convolve, flop, repeats, device), "channels": channels, "kernel_size": kernel_size,
+            "side": side, "repeats": repeats}
+
+
+# The map side of the convolution probes: 64 x 64 = 4096 positions, the matmul's M at the default size.
+PROBE_SIDE = 64
+
+
+def peak_rate(precision: str, device: torch.device, size: int, repeats: int) -> Dict:
+    """The machine's arithmetic limit for the dtype of ``precision``: the fastest of the kernels it runs
+    for that dtype, probed here (a ``size``^3 matmul; a 1x1 convolution of ``size`` channels and a 3x3
+    convolution of ``size // 8`` channels, each on a 64x64 map, channels_last). No single kind of kernel is
+    the limit everywhere: which one is fastest depends on the CPU or GPU and the dtype (oneDNN's
+    convolutions can outrun MKL's matmul), and a job judged against a slower kernel than the model's own
+    would be reported above 100 %.
+
+    Returns ``{"gflops": the fastest rate, "kernel": its name, "probes": {name: GFLOP/s}, ...}``."""
+    small = max(size // 8, 8)
+    probes = {
+        f"matmul {size}^3": matmul_rate(precision, device, size, repeats),
+        f"conv 1x1 {size}ch {PROBE_SIDE}x{PROBE_SIDE} channels_last": conv_rate(precision, device, size, 1,
+                                                                                 PROBE_SIDE, repeats),
+        f"conv 3x3 {small}ch {PROBE_SIDE}x{PROBE_SIDE} channels_last": conv_rate(precision, device, small, 3,
+                                                                                  PROBE_SIDE, repeats),
+    }
+    kernel = max(probes, key=lambda name: probes[name]["gflops"])
+    return {"gflops": probes[kernel]["gflops"], "kernel": kernel,
+            "probes": {name: probe["gflops"] for name, probe in probes.items()}, "size": size, "repeats": repeats}
 
 
 def utilisation(gflop: float, seconds: float, limit_gflops: Optional[float]) -> Optional[float]:

@@ -67,7 +67,7 @@ def run_release_loop(script: str, args, overrides, device: torch.device, section
             return naive
         naive_prediction = torch.from_numpy(np.load(prediction_path))
     gflop = section["gflop_per_image"]
-    naive.update(gflops=gflop / naive["seconds_per_image"], matmul_gflops_before=limit,
+    naive.update(gflops=gflop / naive["seconds_per_image"], peak_gflops_before=limit,
                  utilisation=utilisation(gflop, naive["seconds_per_image"], limit))
     for precision in ("fp32", "bf16"):
         if precision in section:

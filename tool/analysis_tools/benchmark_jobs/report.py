@@ -22,10 +22,10 @@ def _row(label: str, values: List[str]) -> str:
 
 
 def benchmark_table(result: Dict) -> str:
-    """tool/analysis_tools/benchmark.py's result (utilisation in % of the same-dtype matmul rate
-    measured in the same run, just before the job)."""
-    matmul = result["matmul"]
-    columns = list(matmul)
+    """tool/analysis_tools/benchmark.py's result (utilisation in % of the same-dtype peak rate, the
+    fastest of the matmul and convolution probes, measured in the same run just before the job)."""
+    peak = result["peak"]
+    columns = list(peak)
 
     def first(text: str) -> List[str]:  # a value in the first column only
         return [text] + [""] * (len(columns) - 1)
@@ -34,8 +34,9 @@ def benchmark_table(result: Dict) -> str:
         return [fmt(section[p]) if p in section else "" for p in columns]
 
     lines = _header(result, columns)
-    lines.append(_row("matmul 4096^3, GFLOP/s at the start (the limit)",
-                      [f"{matmul[p]['gflops']:.0f}" for p in columns]))
+    lines.append(_row("peak GFLOP/s at the start (the limit: the fastest of the matmul and convolution probes)",
+                      [f"{peak[p]['gflops']:.0f}" for p in columns]))
+    lines.append(_row("kernel that set the limit", [peak[p]["kernel"] for p in columns]))
     ev = result.get("eval")
     if ev:
         where = (f"{ev['image_size'][0]}x{ev['image_size'][1]} image, scales {ev['scales']}, {ev['crops_per_image']} "
@@ -43,15 +44,15 @@ def benchmark_table(result: Dict) -> str:
                  + (", torch.compile with freezing" if ev.get("compile") else ""))
         lines.append(_row(f"sliding-window test, s/image ({where})",
                           per(ev, lambda r: f"{r['seconds_per_image']:.2f}")))
-        lines.append(_row("sliding-window test, utilisation (of the matmul rate just before it)",
+        lines.append(_row("sliding-window test, utilisation (of the peak rate just before it)",
                           per(ev, lambda r: _pct(r["utilisation"]))))
-        lines.append(_row("matmul GFLOP/s just before the sliding-window test",
-                          per(ev, lambda r: f"{r['matmul_gflops_before']:.0f}")))
+        lines.append(_row("peak GFLOP/s just before the sliding-window test",
+                          per(ev, lambda r: f"{r['peak_gflops_before']:.0f}")))
         ort = ev.get("onnxruntime_fp32") or {}
         if "seconds_per_image" in ort:
             lines.append(_row(f"same test through onnxruntime ({ort['threads']} threads), s/image",
                               first(f"{ort['seconds_per_image']:.2f}")))
-            lines.append(_row("same test through onnxruntime, utilisation (of the matmul rate just before it)",
+            lines.append(_row("same test through onnxruntime, utilisation (of the peak rate just before it)",
                               first(_pct(ort["utilisation"]))))
             if "pytorch_fp32_over_onnxruntime" in ort:
                 lines.append(_row("PyTorch fp32 time / onnxruntime time (below 1: PyTorch faster)",
@@ -72,10 +73,10 @@ def benchmark_table(result: Dict) -> str:
     if tr:
         lines.append(_row(f"training, images/s (batch {tr['batch']}, {tr['crop'][0]}x{tr['crop'][1]}, "
                           f"{tr['gflop_per_step']:.0f} GFLOP/step)", per(tr, lambda r: f"{r['images_per_s']:.2f}")))
-        lines.append(_row("training, utilisation (of the matmul rate just before it)",
+        lines.append(_row("training, utilisation (of the peak rate just before it)",
                           per(tr, lambda r: _pct(r["utilisation"]))))
-        lines.append(_row("matmul GFLOP/s just before the training steps",
-                          per(tr, lambda r: f"{r['matmul_gflops_before']:.0f}")))
+        lines.append(_row("peak GFLOP/s just before the training steps",
+                          per(tr, lambda r: f"{r['peak_gflops_before']:.0f}")))
     data = result.get("data") or {}
     if "samples_per_s" in data:
         where = f"{data['workers']} workers, batch {data['batch']}, {data['crop'][0]}x{data['crop'][1]}"

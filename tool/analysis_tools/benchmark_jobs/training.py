@@ -60,7 +60,7 @@ def run_train(cfg, args, model: nn.Module, device: torch.device, precisions: Seq
         stats = training.train_iterations(train_model, timed, criterion, optimizer, scheduler, device, 1, **options)
         synchronize(device)
         seconds = (time.perf_counter() - start) / len(timed)
-        section[precision] = {"seconds_per_step": seconds, "warmup_steps": warmup_steps, "matmul_gflops_before": limit,
+        section[precision] = {"seconds_per_step": seconds, "warmup_steps": warmup_steps, "peak_gflops_before": limit,
                               "images_per_s": batch / seconds, "gflops": flop["total"] / seconds,
                               "utilisation": utilisation(flop["total"], seconds, limit), "loss": stats["loss"]}
         log(f"train {precision}: {seconds:.2f} s/step, {batch / seconds:.2f} images/s, "
