@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: repository paths and the shared real data (skipped when absent)."""
+"""Shared pytest fixtures: repository paths, the shared real data (skipped when absent), the tools as modules."""
 import sys
 from pathlib import Path
 
@@ -20,6 +20,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def train_tool():
+    """tool/train.py as a module (``train_tool.main(argv)`` runs it in-process)."""
+    from tiny_runs import load_script
+
+    return load_script("tool/train.py", "train_tool_under_test")
+
+
+@pytest.fixture(scope="session")
+def test_tool():
+    """tool/test.py as a module (``test_tool.main(argv)`` runs it in-process)."""
+    from tiny_runs import load_script
+
+    return load_script("tool/test.py", "test_tool_under_test")
 
 
 @pytest.fixture(scope="session")

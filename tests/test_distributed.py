@@ -316,12 +316,15 @@ def _synthetic_list(root: Path, count: int = 4) -> Path:
 
 
 def test_spawn_mode_on_cpu(tmp_path):
+    from tiny_model import TINY_MODEL_KEYS
+
     list_path = _synthetic_list(tmp_path)
     port = dist_utils._free_port()
     config = tmp_path / "spawn.yaml"
     config.write_text(textwrap.dedent(f"""
         DATA: {{data_root: {tmp_path}, train_list: {list_path}, classes: 3}}
-        TRAIN: {{backbone_net: resnet, layers: 50, train_h: 65, train_w: 65, batch_size: 4, workers: 0,
+        TRAIN: {{custom_imports: {TINY_MODEL_KEYS["custom_imports"]}, arch: {TINY_MODEL_KEYS["arch"]},
+                 backbone_net: {TINY_MODEL_KEYS["backbone_net"]}, train_h: 65, train_w: 65, batch_size: 4, workers: 0,
                  epochs: 1, manual_seed: 2, print_freq: 1, save_path: {tmp_path / 'model'}, train_gpu: [0, 1]}}
         Distributed: {{dist_url: 'tcp://127.0.0.1:{port}'}}
         TEST: {{device: cpu}}

@@ -2,6 +2,7 @@
 import cv2
 import numpy as np
 
+from tiny_model import TINY_MODEL_OPTS
 from tiny_runs import REPO_ROOT, load_script
 from util.dataset import read_list
 
@@ -82,7 +83,7 @@ def test_split_names():
     assert make_lists.split_names(["a", "b"], 0.01, seed=0)[1] != []  # at least one validation image
 
 
-def test_train_on_the_lists(tmp_path, capsys, one_thread, monkeypatch):
+def test_train_on_the_lists(tmp_path, capsys, one_thread, monkeypatch, train_tool):
     """The README's path: make_lists, then the custom config with the printed overrides, from another folder."""
     make_folder(tmp_path, count=4)
     code, out, _ = run(tmp_path, capsys, "--val-fraction", "0.5")
@@ -90,11 +91,10 @@ def test_train_on_the_lists(tmp_path, capsys, one_thread, monkeypatch):
     command = "train (from the repository root) with: ./tool/train.sh custom pyconvresnet50_pyconvsegnet "
     overrides = out.split(command)[1].split()
     monkeypatch.chdir(tmp_path)
-    train = load_script("tool/train.py", "train_tool_for_make_lists")
-    summary = train.main(["--config", str(REPO_ROOT / "config/custom/custom_pyconvresnet50_pyconvsegnet.yaml"),
-                          *overrides, "save_path", str(tmp_path / "model"), "backbone_net", "resnet",
-                          "backbone_output_stride", "32", "train_h", "17", "train_w", "17", "batch_size", "2",
-                          "batch_size_val", "2", "epochs", "1", "workers", "0"])
+    summary = train_tool.main(["--config", str(REPO_ROOT / "config/custom/custom_pyconvresnet50_pyconvsegnet.yaml"),
+                               *overrides, "save_path", str(tmp_path / "model"), *TINY_MODEL_OPTS, "train_h",
+                               "17", "train_w", "17", "batch_size", "2", "batch_size_val", "2", "epochs", "1",
+                               "workers", "0"])
     assert (tmp_path / "model" / "train_epoch_1.pth").is_file()
     assert summary["epochs"] == 1 and np.isfinite(summary["train"]["loss"])
     assert summary["val"] is not None  # the config validates each epoch, on val.txt

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_runs import write_tiny_config
+from tiny_runs import REAL_MODEL_KEYS, write_tiny_config
 from util.training_checkpoints import checkpoint_path, find_resume_checkpoint, list_training_checkpoints, prune_checkpoints
 from util.cli import StopSignals
 from util.distributed import TrainSampler
@@ -84,7 +84,8 @@ def _train_result(output: str, epoch: int) -> str:
 def test_sigterm_mid_epoch_then_resume_auto_equals_uninterrupted(tmp_path):
     # 8 images, batch 2: 4 iterations per epoch, 2 epochs; DataLoader workers as in a real run (the
     # signal goes to the whole process group, workers included, as SLURM sends it).
-    config = write_tiny_config(tmp_path, dataset=dict(count=8), epochs=2, workers=2, save_freq=1)
+    # ResNet-50: its steps last long enough for the signal to land inside epoch 1 on a busy machine.
+    config = write_tiny_config(tmp_path, dataset=dict(count=8), epochs=2, workers=2, save_freq=1, **REAL_MODEL_KEYS)
     reference = _train(config, tmp_path / "uninterrupted")
     assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
 
@@ -137,7 +138,8 @@ def test_signal_to_one_srun_task_stops_both_at_the_same_iteration(tmp_path):
     random state, and the two tasks resumed with 'resume auto' finish the run."""
     from util.distributed import _free_port
 
-    config = write_tiny_config(tmp_path, dataset=dict(count=16), epochs=1, batch_size=4, print_freq=1)  # 4 iterations
+    config = write_tiny_config(tmp_path, dataset=dict(count=16), epochs=1, batch_size=4, print_freq=1,  # 4 iterations
+                               **REAL_MODEL_KEYS)  # ResNet-50: slow enough steps for the signal to land mid-epoch
     save_path = tmp_path / "model"
     port = _free_port()
 

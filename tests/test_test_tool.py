@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from tiny_model import TINY_MODEL_KEYS
 from util.config import load_cfg
 from conftest import REPO_ROOT
 
@@ -56,9 +57,8 @@ def synthetic(tmp_path_factory):
 
     config = {
         "DATA": {"data_root": str(root), "classes": CLASSES},
-        # Output stride 32 keeps the ResNet-50 cheap on 2 shared CPU cores; the inference path is the same.
-        "TRAIN": {"arch": "pyconvsegnet", "backbone_net": "resnet", "layers": 50, "backbone_output_stride": 32,
-                  "train_h": 65, "train_w": 65},
+        # The test-only network of tests/tiny_model.py: the subject is tool/test.py, not the network.
+        "TRAIN": {**TINY_MODEL_KEYS, "train_h": 65, "train_w": 65},
         "TEST": {"test_list": str(root / "val.txt"), "split": "val", "base_size": 96, "test_h": 65,
                  "test_w": 65, "scales": [1.0], "test_batch_size": 3, "device": "cpu",
                  "model_path": str(root / "model.pth"), "save_folder": str(root / "out"),

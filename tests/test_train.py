@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tiny_runs import load_script, make_cfg, write_tiny_config
+from tiny_runs import make_cfg, write_tiny_config
 from util import engine
 from util.config import ConfigError
 from util.losses import LOSSES, SegmentationCrossEntropy, build_criterion, match_target_size, register_loss
@@ -48,16 +48,9 @@ class ToySegModel(nn.Module):
         return (logits, self.aux(features)) if self.training else logits
 
 
-@pytest.fixture(scope="module")
-def train_tool():
-    return load_script("tool/train.py", "train_tool_under_test")
-
-
 def write_config(tmp_path: Path, **train_keys) -> Path:
-    """A tiny CPU config (resnet50, 3 classes, 65x65 crops, 2 epochs of 2 iterations).
-
-    Output stride 32 (no dilation) keeps layer3/layer4 at 5x5/3x3 instead of 9x9: several times
-    less compute for the same training machinery under test."""
+    """A tiny CPU config (the test-only network of tests/tiny_model.py, 3 classes, 65x65 crops, 2 epochs of
+    2 iterations)."""
     return write_tiny_config(tmp_path, **{"base_lr": 0.01, **train_keys})
 
 

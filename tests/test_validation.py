@@ -14,14 +14,9 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
-from tiny_runs import load_script, write_tiny_config
+from tiny_runs import REAL_MODEL_KEYS, write_tiny_config
 from util import engine
 
-
-
-@pytest.fixture(scope="module")
-def train_tool():
-    return load_script("tool/train.py", "train_tool_validation")
 
 
 def _env():
@@ -36,7 +31,7 @@ def test_evenly_spaced_subset_is_fixed_and_spread():
     assert len(engine.evenly_spaced_subset(10, 9)) == 9
 
 
-def test_whole_image_validation_equals_test_tool(tmp_path, train_tool, one_thread):
+def test_whole_image_validation_equals_test_tool(tmp_path, train_tool, test_tool, one_thread):
     """The confusion matrix of the training-time validation (whole images, two scales, flip) is the
     one tool/test.py computes from the saved checkpoint with the same settings, entry for entry."""
     config = write_tiny_config(tmp_path, evaluate=True, epochs=1, val_mode="whole", val_scales=[1.0, 0.75],
@@ -47,7 +42,6 @@ def test_whole_image_validation_equals_test_tool(tmp_path, train_tool, one_threa
     # Epoch 1 is both the final and the best model: both end-of-training results are that validation's.
     assert summary["end"]["final"]["mIoU"] == summary["end"]["best"]["mIoU"] == summary["val"]["mIoU"]
 
-    test_tool = load_script("tool/test.py", "test_tool_validation")
     data = tmp_path / "data"
     save_folder = tmp_path / "result"
     status = test_tool.main(["--config", str(config), "test_list", str(data / "list.txt"),
@@ -154,7 +148,8 @@ def test_crop_mode_and_a_subset(tmp_path, monkeypatch, train_tool):
 def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     """SIGINT during training: no traceback, one line with where it stopped, the newest checkpoint
     and the command that resumes; exit status 130. The printed command then finishes the run."""
-    config = write_tiny_config(tmp_path, epochs=3, print_freq=1)
+    # ResNet-50: its steps last long enough for the signal to land in epoch 2 on a busy machine.
+    config = write_tiny_config(tmp_path, epochs=3, print_freq=1, **REAL_MODEL_KEYS)
     # A shell that starts pytest in the background ignores SIGINT for it, and the child would inherit that.
     process = subprocess.Popen([sys.executable, "-u", "tool/train.py", "--config", str(config)], cwd=REPO_ROOT,
                                env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
