@@ -10,6 +10,31 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--all", action="store_true",
+                     help="run the slow tier too (tests marked slow: real processes and full-size models)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The default run is the fast tier: tests marked ``slow`` are deselected unless ``--all`` is given, a
+    ``-m`` expression chooses (``-m slow``: the slow tier alone), or the test is named by its node id."""
+    if config.getoption("--all") or config.getoption("markexpr"):
+        return
+    named = {arg for arg in config.args if "::" in arg}
+    fast, slow = [], []
+    for item in items:
+        is_named = any(item.nodeid == arg or item.nodeid.startswith((arg + "[", arg + "::")) for arg in named)
+        (slow if item.get_closest_marker("slow") and not is_named else fast).append(item)
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = fast
+
+
+def pytest_report_header(config):
+    if not (config.getoption("--all") or config.getoption("markexpr")):
+        return "fast tier: tests marked slow are left out; --all runs the whole suite, -m slow the slow tier"
+
+
 @pytest.fixture
 def one_thread():
     """In-process runs use one thread, like the tools' subprocesses under test (OMP_NUM_THREADS=1):

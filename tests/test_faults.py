@@ -239,6 +239,7 @@ def test_resume_from_weights_only_file_or_corrupted_newest(world, train_tool, mo
     assert MODEL_BUILT not in out
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_through_real_processes(world):
     """The same refusals from the real command lines (concurrently): status 1, one line, code never run."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
@@ -332,6 +333,7 @@ def test_bad_data_names_list_file_and_line(world, train_tool, test_tool, monkeyp
         assert MODEL_BUILT not in out and "=> loaded weights" not in out
 
 
+@pytest.mark.slow
 def test_bad_image_in_a_dataloader_worker_is_one_line(world):
     """With ``workers`` > 0 the error is raised in a worker process and re-raised with the worker's
     traceback appended: the command line still prints only the reason, with list file and line."""

@@ -130,6 +130,7 @@ def free_port() -> int:
 # SIGKILL at any moment: resume auto finishes the run, nothing on disk is ever truncated
 
 
+@pytest.mark.slow
 def test_sigkill_anywhere_then_resume_auto_finishes(tmp_path):
     """Kill -9 during an iteration, during a checkpoint write and at random moments; after each kill every
     checkpoint on disk is whole, and ``resume auto`` restarts from the newest one (losing only the work
@@ -249,6 +250,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_torchrun_rank_killed_whole_run_stops(tmp_path):
     """SIGKILL one of two torchrun workers mid-training: the launcher exits non-zero within a bound and
     no worker is left behind."""
@@ -280,6 +282,7 @@ def test_torchrun_rank_killed_whole_run_stops(tmp_path):
     assert not [pid for pid in workers.values() if _alive(pid)], "a worker outlived the launcher"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["hung-peer", "dead-main"])
 def test_peer_lost_without_launcher_survivor_exits(tmp_path, fault):
     """Two ranks started separately (as on two machines: no torchrun agent to tear the group down).
@@ -407,6 +410,7 @@ def _limit_file_size():
     resource.setrlimit(resource.RLIMIT_FSIZE, (20 << 10, 20 << 10))
 
 
+@pytest.mark.slow
 def test_real_write_failure_through_the_cli(tmp_path):
     """A write the kernel refuses (file size limit: the same path as a full disk or quota) stops the run
     with one line naming the checkpoint; no partial file is left."""
@@ -474,6 +478,7 @@ def test_config_error_before_model_is_built(tmp_path, monkeypatch, capsys, train
         assert not (tmp_path / "model").exists()  # nothing written either
 
 
+@pytest.mark.slow
 def test_config_errors_through_the_command_line(tmp_path):
     """The real entry point: status 2, one line, no model built (its log line never appears); run concurrently."""
     cases = ["override-typo", "yaml-wrong-type", "fp16-on-cpu", "save-path-under-file"]

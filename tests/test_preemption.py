@@ -81,6 +81,7 @@ def _train_result(output: str, epoch: int) -> str:
     return match.group(0)
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_then_resume_auto_equals_uninterrupted(tmp_path):
     # 8 images, batch 2: 4 iterations per epoch, 2 epochs; DataLoader workers as in a real run (the
     # signal goes to the whole process group, workers included, as SLURM sends it).
@@ -132,6 +133,7 @@ def test_sigterm_mid_epoch_then_resume_auto_equals_uninterrupted(tmp_path):
     assert got["scheduler"] == expected["scheduler"]
 
 
+@pytest.mark.slow
 def test_signal_to_one_srun_task_stops_both_at_the_same_iteration(tmp_path):
     """SLURM may signal the tasks at slightly different times; here only task 1 gets SIGUSR1. Both stop
     after the same iteration (the flag rides on the iteration's collective), rank 0 saves every rank's

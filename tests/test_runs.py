@@ -76,6 +76,7 @@ def test_overrides_carry_through_training_testing_and_rescoring(tmp_path, monkey
     assert rescored["confusion_matrix"] == metrics["confusion_matrix"]
 
 
+@pytest.mark.slow
 def test_shell_wrappers_from_another_directory_with_relative_paths(tmp_path):
     """Issue 17 point 3: sh tool/train.sh / tool/test.sh from the user's own directory; the repository's config
     keeps its repository paths (names, colours), the user's relative paths are the user's."""

@@ -164,6 +164,7 @@ def _run(cmd, **kwargs):
     return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, **kwargs)
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_equals_single_process(synthetic):
     """Two processes (Gloo, CPU) split the images; the summed confusion matrix equals one process's.
     Both runs use one thread per process so the convolutions compute identically."""

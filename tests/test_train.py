@@ -385,6 +385,7 @@ def test_one_image_per_process_refused_before_model_build(tmp_path, monkeypatch,
         train_tool.main(["--config", str(config), "batch_size", "1"])
 
 
+@pytest.mark.slow
 def test_fp16_on_cpu_rejected_before_model_build(tmp_path, monkeypatch, train_tool):
     config = write_config(tmp_path)
     _forbid_model_build(monkeypatch)

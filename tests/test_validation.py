@@ -88,6 +88,7 @@ dist_utils.cleanup()
 """
 
 
+@pytest.mark.slow
 def test_two_processes_validate_like_one(tmp_path):
     """validate_whole_images in 2 Gloo processes (each takes every other image) sums to the same
     confusion matrix as one process."""
@@ -145,6 +146,7 @@ def test_crop_mode_and_a_subset(tmp_path, monkeypatch, train_tool):
     assert summary["end"]["best"]["mIoU"] == summary["end"]["final"]["mIoU"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     """SIGINT during training: no traceback, one line with where it stopped, the newest checkpoint
     and the command that resumes; exit status 130. The printed command then finishes the run."""
