@@ -104,6 +104,7 @@ TINY_KEYS = ["base_size", "40", "batch_size", "2", "workers", "0", "train_h", "3
              "test_w", "33", "backbone_output_stride", "32"]
 
 
+@pytest.mark.slow
 def test_benchmark_smoke(bench_tool, repo_root, monkeypatch, capsys, tmp_path, one_thread):
     monkeypatch.chdir(repo_root)
     argv = ["--output", str(tmp_path / "bench.json"), "--markdown", str(tmp_path / "bench.md"), "--config", CONFIG,
@@ -141,6 +142,7 @@ def test_benchmark_smoke(bench_tool, repo_root, monkeypatch, capsys, tmp_path, o
     assert result["peak_memory"]["rss_gib"] > 0
 
 
+@pytest.mark.slow
 def test_benchmark_onnxruntime_job(bench_tool, repo_root, monkeypatch, capsys, one_thread):
     """The onnxruntime job times the same sliding-window test through an exported file of the same weights."""
     pytest.importorskip("onnxscript")
@@ -157,6 +159,7 @@ def test_benchmark_onnxruntime_job(bench_tool, repo_root, monkeypatch, capsys, o
     assert ort["equal_pytorch_fp32_fraction"] > 0.99  # the same network, through another runtime
 
 
+@pytest.mark.slow
 def test_data_job_times_the_real_training_step(bench_tool, camvid_root, repo_root, monkeypatch, capsys, one_thread):
     monkeypatch.chdir(repo_root)
     argv = ["--config", CONFIG, *TINY, "--precisions", "fp32", "--skip-eval", "--skip-train", *TINY_KEYS,
@@ -169,6 +172,7 @@ def test_data_job_times_the_real_training_step(bench_tool, camvid_root, repo_roo
         data["train_images_per_s_from_memory"] / data["train_images_per_s_from_loader"] - 1)
 
 
+@pytest.mark.slow
 def test_check_bf16_on_real_images(bf16_tool, camvid_root, repo_root, monkeypatch, capsys, tmp_path, one_thread):
     monkeypatch.chdir(repo_root)
     argv = ["--config", CONFIG, "--device", "cpu", "--default-malloc", "--images", "1", "--loss-curve", "2",

@@ -175,14 +175,16 @@ def test_missing_file(tmp_path):
         load_checkpoint_file(tmp_path)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "legacy-truncated"])
+@pytest.mark.parametrize("damage", ["truncated", "truncated-20KB", "empty", "garbage", "legacy-truncated"])
 def test_damaged_file(tmp_path, damage):
     good = tmp_path / "good.pth"
-    torch.save({"state_dict": Tiny().state_dict()}, good, _use_new_zipfile_serialization=damage != "legacy-truncated")
+    # 20 KB cut short: torch's zip reader fails with OSError EINVAL (it seeks before the file's start)
+    state = {"state_dict": Tiny().state_dict(), **({"extra": torch.zeros(10000)} if damage == "truncated-20KB" else {})}
+    torch.save(state, good, _use_new_zipfile_serialization=damage != "legacy-truncated")
     data = good.read_bytes()
     bad = tmp_path / "bad.pth"
-    bad.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"not a checkpoint at all",
-                     "legacy-truncated": data[: len(data) // 2]}[damage])
+    bad.write_bytes({"truncated": data[: len(data) // 2], "truncated-20KB": data[: len(data) // 2], "empty": b"",
+                     "garbage": b"not a checkpoint at all", "legacy-truncated": data[: len(data) // 2]}[damage])
     with pytest.raises(CheckpointError) as info:
         load_checkpoint_file(bad)
     message = str(info.value)

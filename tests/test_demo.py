@@ -108,6 +108,7 @@ def test_quickstart_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(REPO_ROOT / "tool" / "quickstart.sh")], check=True)
 
 
+@pytest.mark.slow
 def test_short_training_and_evaluation_write_metrics(demo_root, tmp_path):
     """One epoch of three steps (33x33 crops, batch 2) through train.py, then test.py on whole images."""
     data = [

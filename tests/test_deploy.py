@@ -6,6 +6,7 @@ both heads (PyConvSegNet's 9x9 global pooling, PSPNet's 1/2/3/6 pyramid). Each f
 once per module (an ONNX export takes about a minute on a busy 2-core machine).
 """
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from tiny_runs import make_dataset
 WINDOW = 33
 ARCHS = ("pyconvsegnet", "psp")
 FORMATS = ("onnx", "torchscript")
+pytestmark = pytest.mark.slow  # the real networks, exported (the subject is their operators)
 
 
 def _needs(fmt):
@@ -63,7 +65,8 @@ def setup(tmp_path_factory):
             logits = model(torch.randn(2, 3, WINDOW, WINDOW, generator=generator))
             model.cls[-1].bias.sub_(logits.mean(dim=(0, 2, 3)))
         torch.save({"state_dict": model.state_dict()}, root / f"{arch}.pth")
-    return {"root": root, "configs": configs, "files": {}}
+    yield {"root": root, "configs": configs, "files": {}}
+    shutil.rmtree(root)  # about 1 GB of checkpoints and exported files: not kept until the session ends
 
 
 def exported_file(setup, arch, fmt):

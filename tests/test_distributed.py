@@ -202,6 +202,7 @@ COLLECTIVE_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_process_collectives_and_timeout(tmp_path):
     script = tmp_path / "collectives.py"
     script.write_text(COLLECTIVE_SCRIPT)
@@ -223,6 +224,7 @@ def test_two_process_collectives_and_timeout(tmp_path):
 # A real 2-process training run on CamVid
 
 
+@pytest.mark.slow
 def test_torchrun_two_process_camvid_run(tmp_path, camvid_root):
     from model import build_model
     from util.runtime.checkpoint_io import load_checkpoint_file
@@ -318,13 +320,17 @@ def _synthetic_list(root: Path, count: int = 4) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_spawn_mode_on_cpu(tmp_path):
+    from tiny_model import TINY_MODEL_KEYS
+
     list_path = _synthetic_list(tmp_path)
     port = dist_utils._free_port()
     config = tmp_path / "spawn.yaml"
     config.write_text(textwrap.dedent(f"""
         DATA: {{data_root: {tmp_path}, train_list: {list_path}, classes: 3}}
-        TRAIN: {{backbone_net: resnet, layers: 50, train_h: 65, train_w: 65, batch_size: 4, workers: 0,
+        TRAIN: {{custom_imports: {TINY_MODEL_KEYS["custom_imports"]}, arch: {TINY_MODEL_KEYS["arch"]},
+                 backbone_net: {TINY_MODEL_KEYS["backbone_net"]}, train_h: 65, train_w: 65, batch_size: 4, workers: 0,
                  epochs: 1, manual_seed: 2, print_freq: 1, save_path: {tmp_path / 'model'}, train_gpu: [0, 1]}}
         Distributed: {{dist_url: 'tcp://127.0.0.1:{port}'}}
         TEST: {{device: cpu}}
@@ -375,6 +381,7 @@ def _srun_locally(command, cwd, tasks=2, timeout=240):
     return max(process.returncode for process in processes), "\n".join(outputs)
 
 
+@pytest.mark.slow
 def test_slurm_tasks_train_like_torchrun(tmp_path):
     from tiny_runs import write_tiny_config
 
@@ -411,6 +418,7 @@ def _ranks_by_hand(command_of_rank, cwd, timeout=240):
     return [(process.communicate(timeout=timeout)[0], process.returncode) for process in processes]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["pretrained-missing-on-rank-1", "save-path-not-shared"])
 def test_a_problem_on_one_rank_stops_all_at_start(tmp_path, fault):
     from tiny_runs import write_tiny_config
@@ -447,6 +455,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_broadcast_buffers_gives_every_process_rank0s_statistics(tmp_path):
     """After DDP training each process holds BatchNorm statistics updated by its own last batch; the
     validation first copies rank 0's (the checkpoint's) to all, so every shard scores the saved model."""

@@ -3,7 +3,8 @@
 Each fault goes through the tools' command-line entry point (``util.runtime.cli.run_cli(tool.main)``, what their
 ``__main__`` runs, in-process for speed, plus a few real subprocesses): the run either works, or stops with
 status 1 and ONE line naming the file (and, for data, the list file and line) -- never a traceback.
-The model is a ResNet-50 at output stride 32 on 33x33 crops of 40x44 synthetic images (CPU, one thread).
+The model is the test-only network of tests/tiny_model.py on 33x33 crops of 40x44 synthetic images (CPU, one
+thread): the subject is the tools' handling of files, not the network.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import base64
 import json
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,15 +21,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from tiny_model import ARCH, BACKBONE, TINY_MODEL_KEYS, TINY_MODEL_OPTS
 
 from util.runtime import cli as util_cli
 
 from conftest import REPO_ROOT
-from tiny_runs import load_script
 
 CLASSES = 3
 HEIGHT, WIDTH = 40, 44
-MODEL_BUILT = "pyconvsegnet on resnet50"  # tool/train.py's log line right after build_model
+MODEL_BUILT = f"{ARCH} on {BACKBONE}"  # tool/train.py's log line right after build_model
 
 # A 44x40 CMYK JPEG (left half red, right half blue) written by Pillow: OpenCV cannot write CMYK.
 CMYK_JPEG = base64.b64decode("""
@@ -61,16 +61,6 @@ class RunsCode:
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
-@pytest.fixture(scope="module")
-def train_tool():
-    return load_script("tool/train.py", "train_tool_faults_data")
-
-
-@pytest.fixture(scope="module")
-def test_tool():
-    return load_script("tool/test.py", "test_tool_faults_data")
-
-
 def _png(path: Path, array: np.ndarray) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     assert cv2.imwrite(str(path), array)
@@ -83,8 +73,7 @@ def _expanded_state(overrides) -> dict:
     from model import build_model
     from util.config import load_cfg
 
-    cfg = load_cfg(None, ["backbone_net", "resnet", "layers", "50", "backbone_output_stride", "32",
-                          "classes", str(CLASSES), *overrides])
+    cfg = load_cfg(None, [*TINY_MODEL_OPTS, "classes", str(CLASSES), *overrides])
     with torch.device("meta"):
         shapes = {key: (value.shape, value.dtype) for key, value in build_model(cfg).state_dict().items()}
     return {f"module.{key}": torch.zeros((), dtype=dtype).expand(shape) for key, (shape, dtype) in shapes.items()}
@@ -139,9 +128,8 @@ def world(tmp_path_factory):
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump({
         "DATA": {"data_root": str(data), "train_list": str(data / "clean.txt"), "classes": CLASSES},
-        "TRAIN": {"arch": "pyconvsegnet", "backbone_net": "resnet", "layers": 50, "backbone_output_stride": 32,
-                  "train_h": 33, "train_w": 33, "batch_size": 2, "workers": 0, "epochs": 1, "manual_seed": 3,
-                  "print_freq": 1, "evaluate": False, "save_path": str(root / "model")},
+        "TRAIN": {**TINY_MODEL_KEYS, "train_h": 33, "train_w": 33, "batch_size": 2, "workers": 0, "epochs": 1,
+                  "manual_seed": 3, "print_freq": 1, "evaluate": False, "save_path": str(root / "model")},
         "TEST": {"test_list": str(data / "clean.txt"), "split": "val", "base_size": 48, "test_h": 33, "test_w": 33,
                  "scales": [1.0], "test_batch_size": 4, "device": "cpu", "model_path": str(root / "good.pth"),
                  "save_folder": str(root / "out"), "best_mIoU_model_path": None},
@@ -252,6 +240,7 @@ def test_resume_from_weights_only_file_or_corrupted_newest(world, train_tool, mo
     assert MODEL_BUILT not in out
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_through_real_processes(world):
     """The same refusals from the real command lines (concurrently): status 1, one line, code never run."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
@@ -287,7 +276,6 @@ def test_odd_but_valid_inputs_train_and_test(world, train_tool, test_tool, monke
                                ["--config", world / "config.yaml", "train_list", odd_list, "save_path", save_path])
     assert status == 0, out[-3000:] + err[-3000:]
     assert "5 training images" in out and (save_path / "train_epoch_1.pth").is_file()
-    shutil.rmtree(save_path)  # a 275 MB checkpoint
 
     save_folder = world / "runs" / "odd_test"
     status, out, err = run_cli(test_tool, monkeypatch, capsys,
@@ -346,6 +334,7 @@ def test_bad_data_names_list_file_and_line(world, train_tool, test_tool, monkeyp
         assert MODEL_BUILT not in out and "=> loaded weights" not in out
 
 
+@pytest.mark.slow
 def test_bad_image_in_a_dataloader_worker_is_one_line(world):
     """With ``workers`` > 0 the error is raised in a worker process and re-raised with the worker's
     traceback appended: the command line still prints only the reason, with list file and line."""

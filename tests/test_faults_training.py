@@ -1,8 +1,10 @@
 """Fault suite, part 1: a training run that is killed, loses a peer, fills the disk or gets a bad config.
 
 Every test drives the real entry point (``tool/train.py`` as a subprocess, or its ``main``/``cli``
-in-process where a fault has to be injected) on a tiny CPU run: ResNet-50 with output stride 32,
-33x33 crops, 4 synthetic images, batch 2, one thread per process. The fault table of the README
+in-process where a fault has to be injected) on a tiny CPU run: the test-only network of tests/tiny_model.py,
+33x33 crops, 4 synthetic images, batch 2, one thread per process. The tests that must act while a run is in
+a given step (a kill inside a checkpoint write, a rank killed mid-training) train ResNet-50 at output stride 32
+instead, whose steps and 275 MB checkpoint writes last long enough to be caught. The fault table of the README
 lists what each test shows.
 """
 from __future__ import annotations
@@ -22,16 +24,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_model import ARCH, BACKBONE
 
 from util.runtime.checkpoint_io import load_checkpoint_file, save_checkpoint
 from util.runtime.cli import run_cli
 
 from conftest import REPO_ROOT
-from tiny_runs import load_script, write_tiny_config
+from tiny_runs import REAL_MODEL_KEYS, write_tiny_config
 
 TRAIN_PY = REPO_ROOT / "tool" / "train.py"
 TEMPORARY = re.compile(r"^\..+\.pth\.\d+\.[0-9a-f]{8}\.tmp$")  # util.runtime.checkpoint_io.save_checkpoint's temp files
-MODEL_BUILT = "pyconvsegnet on resnet50"  # logged by tool/train.py right after build_model
+MODEL_BUILT = f"{ARCH} on {BACKBONE}"  # logged by tool/train.py right after build_model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -39,11 +42,6 @@ MODEL_BUILT = "pyconvsegnet on resnet50"  # logged by tool/train.py right after 
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
-
-
-@pytest.fixture(scope="module")
-def train_tool():
-    return load_script("tool/train.py", "train_tool_faults")
 
 
 def write_config(tmp_path: Path, images: int = 4, **train_keys) -> Path:
@@ -133,12 +131,13 @@ def free_port() -> int:
 # SIGKILL at any moment: resume auto finishes the run, nothing on disk is ever truncated
 
 
+@pytest.mark.slow
 def test_sigkill_anywhere_then_resume_auto_finishes(tmp_path):
     """Kill -9 during an iteration, during a checkpoint write and at random moments; after each kill every
     checkpoint on disk is whole, and ``resume auto`` restarts from the newest one (losing only the work
     done since) until the run completes with the right epoch count."""
     epochs = 4
-    config = write_config(tmp_path, epochs=epochs, resume="auto")
+    config = write_config(tmp_path, epochs=epochs, resume="auto", **REAL_MODEL_KEYS)
     save_path = tmp_path / "model"
     rng = random.Random(8)  # fixed seed: the "random" kill moments are the same on every CI run
     launches = []
@@ -252,10 +251,12 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_torchrun_rank_killed_whole_run_stops(tmp_path):
     """SIGKILL one of two torchrun workers mid-training: the launcher exits non-zero within a bound and
     no worker is left behind."""
-    config = write_config(tmp_path, images=8, batch_size=4, epochs=50, save_freq=100, dist_timeout=15)  # 2 per rank
+    config = write_config(tmp_path, images=8, batch_size=4, epochs=50, save_freq=100, dist_timeout=15,  # 2 per rank
+                          **REAL_MODEL_KEYS)
     log = tmp_path / "torchrun.log"
     with open(log, "w") as handle:
         launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -282,13 +283,15 @@ def test_torchrun_rank_killed_whole_run_stops(tmp_path):
     assert not [pid for pid in workers.values() if _alive(pid)], "a worker outlived the launcher"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["hung-peer", "dead-main"])
 def test_peer_lost_without_launcher_survivor_exits(tmp_path, fault):
     """Two ranks started separately (as on two machines: no torchrun agent to tear the group down).
     ``hung-peer``: rank 1 is frozen (SIGSTOP); rank 0 must fail by ``dist_timeout`` instead of waiting forever.
     ``dead-main``: rank 0 is killed (SIGKILL); rank 1 must fail promptly."""
     timeout = 8
-    config = write_config(tmp_path, images=8, batch_size=4, epochs=50, save_freq=100, dist_timeout=timeout)
+    config = write_config(tmp_path, images=8, batch_size=4, epochs=50, save_freq=100, dist_timeout=timeout,
+                          **REAL_MODEL_KEYS)
     port = free_port()
     processes, logs = [], []
     for rank in range(2):
@@ -345,8 +348,9 @@ class DiskFull:
         self._handle.close()
 
 
-def fill_disk_on_checkpoint_write(monkeypatch, from_call: int, capacity: int = 1 << 20):
-    """Checkpoint writes number ``from_call`` and later hit a full disk after ``capacity`` bytes
+def fill_disk_on_checkpoint_write(monkeypatch, from_call: int, capacity: int = 4096):
+    """Checkpoint writes number ``from_call`` and later hit a full disk after ``capacity`` bytes (a checkpoint
+    of the tiny network is about 45 KB)
     (util.runtime.checkpoint_io.save_checkpoint opens its temporary file with os.fdopen(fd, "wb"))."""
     real_fdopen = os.fdopen
     calls = []
@@ -402,10 +406,12 @@ def test_disk_full_during_training_previous_checkpoint_intact_then_resume(tmp_pa
 
 
 def _limit_file_size():
-    """In the child: files larger than 20 MB cannot be written (EFBIG; Python ignores SIGXFSZ)."""
-    resource.setrlimit(resource.RLIMIT_FSIZE, (20 << 20, 20 << 20))
+    """In the child: files larger than 20 KB cannot be written (EFBIG; Python ignores SIGXFSZ): the run's log,
+    config copy and events stay below, a checkpoint of the tiny network (about 45 KB) does not."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20 << 10, 20 << 10))
 
 
+@pytest.mark.slow
 def test_real_write_failure_through_the_cli(tmp_path):
     """A write the kernel refuses (file size limit: the same path as a full disk or quota) stops the run
     with one line naming the checkpoint; no partial file is left."""
@@ -478,6 +484,7 @@ def test_config_error_before_model_is_built(tmp_path, monkeypatch, capsys, train
         assert not (tmp_path / "model").exists()  # nothing written either
 
 
+@pytest.mark.slow
 def test_config_errors_through_the_command_line(tmp_path):
     """The real entry point: status 2, one line, no model built (its log line never appears); run concurrently."""
     cases = ["override-typo", "yaml-wrong-type", "fp16-on-cpu", "save-path-under-file"]

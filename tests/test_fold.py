@@ -1,5 +1,6 @@
 """BatchNorm folding (model/fold.py): the folded copy computes the same function, checked in float32."""
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -82,6 +83,7 @@ def _randomise_batchnorm(model, seed=0):
                 module.bias.copy_(torch.rand(n, generator=generator) * 0.4 - 0.2)
 
 
+@pytest.mark.slow
 def test_fold_batchnorm_keeps_the_function(repo_root, monkeypatch):
     from model import build_model
     from model.fold import fold_batchnorm

@@ -77,6 +77,7 @@ def test_help_and_mistyped_config_before_srun(tmp_path, script):
     assert proc.stderr.splitlines()[0] == f"config not found: {missing}"
 
 
+@pytest.mark.slow  # runs Python (torch) in a process
 def test_gpu_check_without_cuda_says_so_and_passes(tmp_path):
     environment = dict(os.environ, CUDA_VISIBLE_DEVICES="", GPU_CHECK_DIR=str(tmp_path / "work"))
     proc = subprocess.run(["bash", str(REPO_ROOT / "tool" / "gpu_check.sh")], cwd=tmp_path, env=environment,

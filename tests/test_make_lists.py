@@ -4,6 +4,7 @@ import subprocess
 
 import cv2
 import numpy as np
+from tiny_model import TINY_MODEL_OPTS
 
 from util.data.dataset import read_list
 
@@ -117,28 +118,26 @@ def test_printed_command_is_quoted_and_runs_from_anywhere(tmp_path, capsys):
     assert list(elsewhere.iterdir()) == []
 
 
-def train_on(tmp_path, overrides):
+def train_on(train_tool, tmp_path, overrides):
     """tool/train.py's summary of one tiny epoch on the custom config with ``overrides``, run from tmp_path."""
-    train = load_script("tool/train.py", "train_tool_for_make_lists")
-    return train.main(["--config", str(REPO_ROOT / "config/custom/custom_pyconvresnet50_pyconvsegnet.yaml"),
-                       *overrides, "save_path", str(tmp_path / "model"), "backbone_net", "resnet",
-                       "backbone_output_stride", "32", "train_h", "17", "train_w", "17", "batch_size", "2",
-                       "batch_size_val", "2", "epochs", "1", "workers", "0"])
+    return train_tool.main(["--config", str(REPO_ROOT / "config/custom/custom_pyconvresnet50_pyconvsegnet.yaml"),
+                       *overrides, "save_path", str(tmp_path / "model"), *TINY_MODEL_OPTS, "train_h", "17",
+                            "train_w", "17", "batch_size", "2", "batch_size_val", "2", "epochs", "1", "workers", "0"])
 
 
-def test_train_on_the_lists(tmp_path, capsys, one_thread, monkeypatch):
+def test_train_on_the_lists(tmp_path, capsys, one_thread, monkeypatch, train_tool):
     """The README's path: make_lists, then the custom config with the printed overrides, from another folder."""
     make_folder(tmp_path, count=4)
     code, out, _ = run(tmp_path, capsys, "--val-fraction", "0.5")
     assert code == 0
     monkeypatch.chdir(tmp_path)
-    summary = train_on(tmp_path, printed_command(out)[3:])
+    summary = train_on(train_tool, tmp_path, printed_command(out)[3:])
     assert (tmp_path / "model" / "train_epoch_1.pth").is_file()
     assert summary["epochs"] == 1 and np.isfinite(summary["train"]["loss"])
     assert summary["val"] is not None  # the config validates each epoch, on val.txt
 
 
-def test_no_validation_split_trains_without_validation(tmp_path, capsys, one_thread, monkeypatch):
+def test_no_validation_split_trains_without_validation(tmp_path, capsys, one_thread, monkeypatch, train_tool):
     """--val-fraction 0 (after a split that had one): train.txt only, an earlier val.txt removed, and the
     printed command trains with evaluate False."""
     make_folder(tmp_path, count=4)
@@ -152,5 +151,5 @@ def test_no_validation_split_trains_without_validation(tmp_path, capsys, one_thr
     assert "val_list" not in command and "test_list" not in command
     assert command[command.index("evaluate") + 1] == "False"
     monkeypatch.chdir(tmp_path)
-    summary = train_on(tmp_path, command[3:])
+    summary = train_on(train_tool, tmp_path, command[3:])
     assert summary["epochs"] == 1 and summary["val"] is None

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from tiny_model import TINY_MODEL_KEYS
 
 from util.config import load_cfg
 from util.runtime.cli import run_cli
@@ -26,7 +27,7 @@ def test_set(tmp_path):
         assert cv2.imwrite(str(folder / f"{name}.jpg"), rng.integers(0, 256, (*size, 3), dtype=np.uint8))
     (tmp_path / "testing.txt").write_text("".join(f"release_test/testing/{n}.jpg\n" for n in names))
     config = {"DATA": {"data_root": str(tmp_path), "classes": CLASSES},
-              "TRAIN": {"backbone_net": "resnet", "layers": 50, "backbone_output_stride": 32},
+              "TRAIN": dict(TINY_MODEL_KEYS),
               "TEST": {"test_list": str(tmp_path / "testing.txt"), "split": "test", "base_size": 0, "test_h": 33,
                        "test_w": 33, "device": "cpu", "model_path": str(tmp_path / "model.pth"),
                        "save_folder": str(tmp_path / "result")}}
@@ -35,14 +36,14 @@ def test_set(tmp_path):
     return path, names
 
 
-def test_predictions_of_test_py_become_the_benchmark_format(test_set, tmp_path, one_thread):
+def test_predictions_of_test_py_become_the_benchmark_format(test_set, tmp_path, one_thread, test_tool):
     config, names = test_set
     from model import build_model
 
     torch.manual_seed(0)
     model = build_model(load_cfg(str(config)))
     torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}}, tmp_path / "model.pth")
-    assert run_cli(lambda: load_script("tool/test.py", "test_tool_for_submission").main(["--config", str(config)])) == 0
+    assert run_cli(lambda: test_tool.main(["--config", str(config)])) == 0
     output = tmp_path / "submission"
     assert submission.main(["--config", str(config), "--output", str(output), "--workers", "1"]) == 0
     assert sorted(p.name for p in output.iterdir()) == [f"{n}.png" for n in names]

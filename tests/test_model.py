@@ -210,23 +210,36 @@ def layer4_size(model, x):
     return sizes[0], result
 
 
+# Shapes on the meta device (no compute: the fast tier), and the same forwards computed on the CPU (slow tier).
+DEVICES = ["meta", pytest.param("cpu", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backbone", FAMILIES)
 @pytest.mark.parametrize("output_stride, feature", [(8, 9), (16, 5), (32, 3)])
 @torch.no_grad()
-def test_feature_and_logit_sizes(backbone, output_stride, feature):
+def test_feature_and_logit_sizes(backbone, output_stride, feature, device):
     torch.manual_seed(0)
-    model = build_model(make_cfg(backbone_net=backbone, classes=5, backbone_output_stride=output_stride)).eval()
-    size, logits = layer4_size(model, torch.randn(1, 3, 65, 65))
+    with torch.device(device):
+        model = build_model(make_cfg(backbone_net=backbone, classes=5, backbone_output_stride=output_stride)).eval()
+        size, logits = layer4_size(model, torch.randn(1, 3, 65, 65))
     assert size == (1, 2048, feature, feature)
     assert logits.shape == (1, 5, 65, 65)
-    assert torch.isfinite(logits).all()
+    if device == "cpu":
+        assert torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("output_stride", [8, 16, 32])
 @torch.no_grad()
-def test_every_zoom_in_eval_and_train(arch, output_stride):
+def test_every_zoom_in_eval_and_train(arch, output_stride, device):
     torch.manual_seed(0)
+    with torch.device(device):
+        _every_zoom_in_eval_and_train(arch, output_stride)
+
+
+def _every_zoom_in_eval_and_train(arch, output_stride):
     model = build_model(make_cfg(arch=arch, backbone_net="resnet", classes=3, backbone_output_stride=output_stride))
     x = torch.randn(2, 3, 33, 25)  # small but non-square: (33 - 1) / 8 = 4, (25 - 1) / 8 = 3
     model.eval()
@@ -260,6 +273,7 @@ def test_invalid_input_size_and_zoom():
             build_model(make_cfg(zoom_factor=3, validate=False))
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_channels_last_gives_same_logits():
     torch.manual_seed(0)

@@ -20,12 +20,7 @@ from util.engine.optim import build_scheduler
 from util.errors import ConfigError
 from util.runtime.cli import EXIT_CONFIG, run_cli
 
-from tiny_runs import load_script, make_cfg, write_tiny_config
-
-
-@pytest.fixture(scope="module")
-def train_tool():
-    return load_script("tool/train.py", "train_tool_options")
+from tiny_runs import make_cfg, write_tiny_config
 
 
 def one_param_optimizer():
@@ -142,8 +137,8 @@ def final_weights(save_path, epoch=1):
     return torch.load(save_path / f"train_epoch_{epoch}.pth", weights_only=True)
 
 
-def run(train_tool, tmp_path, name, *overrides, epochs=1):
-    config = write_tiny_config(tmp_path, epochs=epochs)
+def run(train_tool, tmp_path, name, *overrides, epochs=1, **train_keys):
+    config = write_tiny_config(tmp_path, epochs=epochs, **train_keys)
     save = tmp_path / name
     train_tool.main(["--config", str(config), "save_path", str(save), *overrides])
     return save
@@ -218,8 +213,9 @@ def test_loss_registered_in_a_file_is_selectable_by_name(tmp_path, one_thread, t
     path = tmp_path / "smoothed_loss.py"
     path.write_text(LOSS_FILE)
     try:
+        # The YAML names no file (the tiny network is registered in this process already, by tiny_runs).
         save = run(train_tool, tmp_path, "model", "custom_imports", str(path), "loss", "test_smoothed",
-                   "test_smoothing", "0.2")
+                   "test_smoothing", "0.2", custom_imports=None)
         calls = sys.modules["smoothed_loss"].CALLS
         assert len(calls) == 2 * 2 and set(calls) == {0.2}  # main and aux, both iterations
         state, default = final_weights(save)["state_dict"], default_run["state_dict"]

@@ -3,7 +3,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow  # two Python processes importing torch
 def test_keep_freed_memory_for_reuse_in_a_subprocess(repo_root):
     code = ("from util.runtime.perf import keep_freed_memory_for_reuse as k; import torch; k(); "
             "x = torch.ones(1 << 24); print(k())")

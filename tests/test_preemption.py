@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from util.engine.checkpoints import find_resume_checkpoint, prune_checkpoints
@@ -19,7 +20,7 @@ from util.runtime.distributed import TrainSampler
 from util.runtime.runs import checkpoint_path, list_training_checkpoints
 
 from conftest import REPO_ROOT
-from tiny_runs import write_tiny_config
+from tiny_runs import REAL_MODEL_KEYS, write_tiny_config
 
 TRAIN_PY = REPO_ROOT / "tool" / "train.py"
 
@@ -83,10 +84,12 @@ def _train_result(output: str, epoch: int) -> str:
     return match.group(0)
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_then_resume_auto_equals_uninterrupted(tmp_path):
     # 8 images, batch 2: 4 iterations per epoch, 2 epochs; DataLoader workers as in a real run (the
     # signal goes to the whole process group, workers included, as SLURM sends it).
-    config = write_tiny_config(tmp_path, dataset=dict(count=8), epochs=2, workers=2, save_freq=1)
+    # ResNet-50: its steps last long enough for the signal to land inside epoch 1 on a busy machine.
+    config = write_tiny_config(tmp_path, dataset=dict(count=8), epochs=2, workers=2, save_freq=1, **REAL_MODEL_KEYS)
     reference = _train(config, tmp_path / "uninterrupted")
     assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
 
@@ -133,13 +136,15 @@ def test_sigterm_mid_epoch_then_resume_auto_equals_uninterrupted(tmp_path):
     assert got["scheduler"] == expected["scheduler"]
 
 
+@pytest.mark.slow
 def test_signal_to_one_srun_task_stops_both_at_the_same_iteration(tmp_path):
     """SLURM may signal the tasks at slightly different times; here only task 1 gets SIGUSR1. Both stop
     after the same iteration (the flag rides on the iteration's collective), rank 0 saves every rank's
     random state, and the two tasks resumed with 'resume auto' finish the run."""
     from util.runtime.distributed import _free_port
 
-    config = write_tiny_config(tmp_path, dataset=dict(count=16), epochs=1, batch_size=4, print_freq=1)  # 4 iterations
+    config = write_tiny_config(tmp_path, dataset=dict(count=16), epochs=1, batch_size=4, print_freq=1,  # 4 iterations
+                               **REAL_MODEL_KEYS)  # ResNet-50: slow enough steps for the signal to land mid-epoch
     save_path = tmp_path / "model"
     port = _free_port()
 

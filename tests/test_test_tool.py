@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from tiny_model import TINY_MODEL_KEYS
 
 from util.config import load_cfg
 
@@ -57,9 +58,8 @@ def synthetic(tmp_path_factory):
 
     config = {
         "DATA": {"data_root": str(root), "classes": CLASSES},
-        # Output stride 32 keeps the ResNet-50 cheap on 2 shared CPU cores; the inference path is the same.
-        "TRAIN": {"arch": "pyconvsegnet", "backbone_net": "resnet", "layers": 50, "backbone_output_stride": 32,
-                  "train_h": 65, "train_w": 65},
+        # The test-only network of tests/tiny_model.py: the subject is tool/test.py, not the network.
+        "TRAIN": {**TINY_MODEL_KEYS, "train_h": 65, "train_w": 65},
         "TEST": {"test_list": str(root / "val.txt"), "split": "val", "base_size": 96, "test_h": 65,
                  "test_w": 65, "scales": [1.0], "test_batch_size": 3, "device": "cpu",
                  "model_path": str(root / "model.pth"), "save_folder": str(root / "out"),
@@ -165,6 +165,7 @@ def _run(cmd, **kwargs):
     return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, **kwargs)
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_equals_single_process(synthetic):
     """Two processes (Gloo, CPU) split the images; the summed confusion matrix equals one process's.
     Both runs use one thread per process so the convolutions compute identically."""

@@ -22,7 +22,7 @@ from util.errors import ConfigError
 from util.evaluation import whole_images
 
 from conftest import REPO_ROOT
-from tiny_runs import load_script, make_cfg, write_tiny_config
+from tiny_runs import make_cfg, write_tiny_config
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
@@ -49,16 +49,9 @@ class ToySegModel(nn.Module):
         return (logits, self.aux(features)) if self.training else logits
 
 
-@pytest.fixture(scope="module")
-def train_tool():
-    return load_script("tool/train.py", "train_tool_under_test")
-
-
 def write_config(tmp_path: Path, **train_keys) -> Path:
-    """A tiny CPU config (resnet50, 3 classes, 65x65 crops, 2 epochs of 2 iterations).
-
-    Output stride 32 (no dilation) keeps layer3/layer4 at 5x5/3x3 instead of 9x9: several times
-    less compute for the same training machinery under test."""
+    """A tiny CPU config (the test-only network of tests/tiny_model.py, 3 classes, 65x65 crops, 2 epochs of
+    2 iterations)."""
     return write_tiny_config(tmp_path, **{"base_lr": 0.01, **train_keys})
 
 
@@ -394,6 +387,7 @@ def test_one_image_per_process_refused_before_model_build(tmp_path, monkeypatch,
         train_tool.main(["--config", str(config), "batch_size", "1"])
 
 
+@pytest.mark.slow
 def test_fp16_on_cpu_rejected_before_model_build(tmp_path, monkeypatch, train_tool):
     config = write_config(tmp_path)
     _forbid_model_build(monkeypatch)

@@ -17,12 +17,7 @@ from util.engine import training
 from util.evaluation import whole_images
 
 from conftest import REPO_ROOT
-from tiny_runs import load_script, write_tiny_config
-
-
-@pytest.fixture(scope="module")
-def train_tool():
-    return load_script("tool/train.py", "train_tool_validation")
+from tiny_runs import REAL_MODEL_KEYS, write_tiny_config
 
 
 def _env():
@@ -37,7 +32,7 @@ def test_evenly_spaced_subset_is_fixed_and_spread():
     assert len(dataset.evenly_spaced_subset(10, 9)) == 9
 
 
-def test_whole_image_validation_equals_test_tool(tmp_path, train_tool, one_thread):
+def test_whole_image_validation_equals_test_tool(tmp_path, train_tool, test_tool, one_thread):
     """The confusion matrix of the training-time validation (whole images, two scales, flip) is the
     one tool/test.py computes from the saved checkpoint with the same settings, entry for entry."""
     config = write_tiny_config(tmp_path, evaluate=True, epochs=1, val_mode="whole", val_scales=[1.0, 0.75],
@@ -48,7 +43,6 @@ def test_whole_image_validation_equals_test_tool(tmp_path, train_tool, one_threa
     # Epoch 1 is both the final and the best model: both end-of-training results are that validation's.
     assert summary["end"]["final"]["mIoU"] == summary["end"]["best"]["mIoU"] == summary["val"]["mIoU"]
 
-    test_tool = load_script("tool/test.py", "test_tool_validation")
     data = tmp_path / "data"
     save_folder = tmp_path / "result"
     status = test_tool.main(["--config", str(config), "test_list", str(data / "list.txt"),
@@ -94,6 +88,7 @@ distributed.cleanup()
 """
 
 
+@pytest.mark.slow
 def test_two_processes_validate_like_one(tmp_path):
     """validate_whole_images in 2 Gloo processes (each takes every other image) sums to the same
     confusion matrix as one process."""
@@ -151,10 +146,12 @@ def test_crop_mode_and_a_subset(tmp_path, monkeypatch, train_tool):
     assert summary["end"]["best"]["mIoU"] == summary["end"]["final"]["mIoU"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     """SIGINT during training: no traceback, one line with where it stopped, the newest checkpoint
     and the command that resumes; exit status 130. The printed command then finishes the run."""
-    config = write_tiny_config(tmp_path, epochs=3, print_freq=1)
+    # ResNet-50: its steps last long enough for the signal to land in epoch 2 on a busy machine.
+    config = write_tiny_config(tmp_path, epochs=3, print_freq=1, **REAL_MODEL_KEYS)
     # A shell that starts pytest in the background ignores SIGINT for it, and the child would inherit that.
     process = subprocess.Popen([sys.executable, "-u", "tool/train.py", "--config", str(config)], cwd=REPO_ROOT,
                                env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -13,6 +13,7 @@ from typing import Tuple
 import cv2
 import numpy as np
 import yaml
+from tiny_model import TINY_MODEL_KEYS
 
 from util.config import CfgNode, load_cfg
 
@@ -59,15 +60,15 @@ def make_dataset(root: Path, count: int = 4, classes: int = 3, seed: int = 0, si
 def write_tiny_config(tmp_path: Path, dataset: dict = None, **train_keys) -> Path:
     """A tiny CPU training config on a fresh ``make_dataset(**dataset)`` under ``tmp_path/data``.
 
-    ResNet-50 at output stride 32 (no dilation), 3 classes, 2 epochs of 2 iterations (4 images,
-    batch 2), no evaluation (when enabled: whole images at their own size, one 65x65 window each);
-    ``train_keys`` override any TRAIN key.
+    The test-only network of tests/tiny_model.py (named in ``custom_imports``, so every process that reads
+    the config has it; ``REAL_MODEL_KEYS`` select ResNet-50 instead), 3 classes, 2 epochs of 2 iterations
+    (4 images, batch 2), no evaluation (when enabled: whole images at their own size, one 65x65 window
+    each); ``train_keys`` override any TRAIN key.
     """
     data_root = tmp_path / "data"
     list_path = make_dataset(data_root, **(dataset or {}))
-    train = dict(arch="pyconvsegnet", backbone_net="resnet", layers=50, backbone_output_stride=32, train_h=65,
-                 train_w=65, batch_size=2, batch_size_val=2, workers=0, epochs=2, manual_seed=5, print_freq=1,
-                 save_path=str(tmp_path / "model"), evaluate=False)
+    train = dict(TINY_MODEL_KEYS, train_h=65, train_w=65, batch_size=2, batch_size_val=2, workers=0, epochs=2,
+                 manual_seed=5, print_freq=1, save_path=str(tmp_path / "model"), evaluate=False)
     train.update(train_keys)
     body = {"DATA": dict(data_root=str(data_root), train_list=str(list_path), val_list=str(list_path), classes=3),
             "TRAIN": train,

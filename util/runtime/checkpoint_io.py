@@ -18,6 +18,7 @@ What a training run keeps (file names, pruning, resume, content) is util/engine/
 """
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
@@ -77,6 +78,9 @@ def load_checkpoint_file(path: PathLike) -> Any:
         raise CheckpointError(f"{path} is not a valid checkpoint (truncated or corrupted?): "
                               f"{_unpickling_reason(exc)}") from None
     except OSError as exc:
+        if exc.errno == errno.EINVAL:  # the zip reader of a cut-short file (of 6-65 KB) seeks before its start
+            raise CheckpointError(f"{path} is not a valid checkpoint (truncated or corrupted?): "
+                                  f"{_short_reason(exc)}") from None
         raise CheckpointError(f"cannot read checkpoint {path}: {_short_reason(exc)}") from None
     except Exception as exc:  # zip/pickle/struct errors of a damaged file take many forms
         raise CheckpointError(f"{path} is not a valid checkpoint (truncated or corrupted?): "
