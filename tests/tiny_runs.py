@@ -19,6 +19,9 @@ from util.config import CfgNode, load_cfg
 
 from conftest import REPO_ROOT
 
+# The real network at its cheapest (ResNet-50, output stride 32: layer4 at 3x3 on a 65x65 crop), for the tests
+# whose subject is the network itself: ``write_tiny_config(tmp_path, **REAL_MODEL_KEYS)``.
+REAL_MODEL_KEYS = dict(arch="pyconvsegnet", backbone_net="resnet", layers=50, backbone_output_stride=32)
 
 def make_cfg(validate: bool = True, **keys) -> CfgNode:
     """The schema's defaults with ``keys`` set, built by the config loader (type checks and, with
