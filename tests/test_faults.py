@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from tiny_model import ARCH, BACKBONE, TINY_MODEL_KEYS, TINY_MODEL_OPTS
 
 from util.runtime import cli as util_cli
 
 from conftest import REPO_ROOT
+from tiny_model import ARCH, BACKBONE, TINY_MODEL_KEYS, TINY_MODEL_OPTS
 
 CLASSES = 3
 HEIGHT, WIDTH = 40, 44

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_model import ARCH, BACKBONE
 
 from util.runtime.checkpoint_io import load_checkpoint_file, save_checkpoint
 from util.runtime.cli import run_cli
 
 from conftest import REPO_ROOT
+from tiny_model import ARCH, BACKBONE
 from tiny_runs import REAL_MODEL_KEYS, write_tiny_config
 
 TRAIN_PY = REPO_ROOT / "tool" / "train.py"

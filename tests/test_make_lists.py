@@ -4,10 +4,10 @@ import subprocess
 
 import cv2
 import numpy as np
-from tiny_model import TINY_MODEL_OPTS
 
 from util.data.dataset import read_list
 
+from tiny_model import TINY_MODEL_OPTS
 from tiny_runs import REPO_ROOT, load_script
 
 make_lists = load_script("tool/dataset_converters/make_lists.py", "make_lists")

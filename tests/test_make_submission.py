@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from tiny_model import TINY_MODEL_KEYS
 
 from util.config import load_cfg
 from util.runtime.cli import run_cli
 
+from tiny_model import TINY_MODEL_KEYS
 from tiny_runs import load_script
 
 submission = load_script("tool/dataset_converters/make_submission.py", "make_submission")

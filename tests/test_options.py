@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_docs import python_example
 
 from util.config import unregister_keys
 from util.data.transforms import PhotometricDistortion, build_train_transform
@@ -20,6 +19,7 @@ from util.engine.optim import build_scheduler
 from util.errors import ConfigError
 from util.runtime.cli import EXIT_CONFIG, run_cli
 
+from test_docs import python_example
 from tiny_runs import make_cfg, write_tiny_config
 
 

@@ -9,8 +9,6 @@ import subprocess
 import sys
 
 import pytest
-from test_docs import doc_section
-from tiny_model import TINY_MODEL_OPTS
 
 from util.config import load_cfg
 from util.engine import training
@@ -25,6 +23,8 @@ from util.runtime.runs import (
     run_directory,
 )
 
+from test_docs import doc_section
+from tiny_model import TINY_MODEL_OPTS
 from tiny_runs import REPO_ROOT, make_dataset, write_tiny_config
 
 TEST_KEYS = ["base_size", "64", "test_h", "65", "test_w", "65", "test_batch_size", "2", "device", "cpu"]

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_docs import python_example
 from torch import nn
 
 from model import build_model
@@ -23,6 +22,7 @@ from util.engine import training
 from util.engine.losses import build_criterion
 from util.engine.optim import build_optimizer, build_scheduler
 
+from test_docs import python_example
 from tiny_runs import make_cfg
 
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from tiny_model import TINY_MODEL_KEYS
 
 from util.config import load_cfg
 
 from conftest import REPO_ROOT
+from tiny_model import TINY_MODEL_KEYS
 
 CLASSES = 3
 IMAGE_SIZES = [(60, 80), (80, 60), (50, 50), (70, 90)]  # (h, w): padded, multi-window, portrait, landscape

@@ -13,11 +13,11 @@ from typing import Tuple
 import cv2
 import numpy as np
 import yaml
-from tiny_model import TINY_MODEL_KEYS
 
 from util.config import CfgNode, load_cfg
 
 from conftest import REPO_ROOT
+from tiny_model import TINY_MODEL_KEYS
 
 # The real network at its cheapest (ResNet-50, output stride 32: layer4 at 3x3 on a 65x65 crop), for the tests
 # whose subject is the network itself: ``write_tiny_config(tmp_path, **REAL_MODEL_KEYS)``.
