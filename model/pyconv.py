@@ -52,7 +52,7 @@ class SingleOutputGroupConv2d(nn.Conv2d):
     has no fast kernel for groups of several inputs and one output and runs them at a small
     fraction of the machine's rate, while its depthwise kernels are well optimised. What that is
     worth depends on the CPU and the network (PyConvHGResNet has many such levels, PyConvResNet
-    one); the benchmark (README "Performance") measures it.
+    one); the benchmark (docs/performance.md) measures it.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

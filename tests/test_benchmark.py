@@ -86,7 +86,7 @@ def test_crop_count_and_flop_counts(repo_root, monkeypatch):
     from tool.analysis_tools.benchmark_jobs.flops import forward_gflop, train_step_gflop
 
     monkeypatch.chdir(repo_root)
-    # The setting: a 384x512 image at scale 1.0 is 2 windows of 473, times 2 flips.
+    # The benchmark's default: a 384x512 image at scale 1.0 is 2 windows of 473, times 2 flips.
     assert eval_crop_count((384, 512), (473, 473), [1.0], 512) == 4
     assert eval_crop_count((384, 512), (473, 473), [0.5, 1.0], 512) == 6
     cfg = load_cfg(CONFIG, ["classes", "150"])

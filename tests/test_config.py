@@ -317,7 +317,7 @@ def test_model_values_come_from_model_registries():
 
 
 def test_no_key_is_unused():
-    """Issue 17 point 12: every key in the schema is read somewhere, not only declared (a key is used or gone)."""
+    """Every schema key is read somewhere, not only declared (a key is used or gone)."""
     import re
     from pathlib import Path
 

@@ -139,7 +139,7 @@ def test_short_training_and_evaluation_write_metrics(demo_root, tmp_path):
     assert [p.name for p in colour] == [p.name for p in gray] == ["ADE_val_00000001.png", "ADE_val_00000002.png"]
     assert cv2.imread(str(colour[0])).shape == (48, 64, 3)
 
-    # The README's picture of predictions is drawn from the same checkpoint and settings.
+    # The README's demo picture (figure/predictions_demo.png) is drawn from the same checkpoint and settings.
     make_predictions = load_script("figure/make_predictions.py", "make_predictions_under_test")
     picture = tmp_path / "predictions.png"
     assert make_predictions.main([

@@ -207,8 +207,8 @@ def test_bad_checkpoint_refused_in_one_line(world, train_tool, test_tool, monkey
         tool = train_tool
     status, out, err = run_cli(tool, monkeypatch, capsys, argv)
     if route == "train.py weight" and name == "classes.pth":
-        # Not a fault any more: fine-tuning on another class count (README "Fine-tuning") loads every
-        # other tensor, re-initialises only the final classifiers and trains.
+        # Fine-tuning on another class count (docs/training.md) loads every other tensor, re-initialises
+        # only the final classifiers and trains.
         assert status == 0, out[-2000:] + err[-2000:]
         assert "cls.1, aux.4 re-initialised" in out + err, out[-2000:] + err[-2000:]
         assert list(save.glob("train_epoch_*.pth"))

@@ -4,7 +4,7 @@ Every test drives the real entry point (``tool/train.py`` as a subprocess, or it
 in-process where a fault has to be injected) on a tiny CPU run: the test-only network of tests/tiny_model.py,
 33x33 crops, 4 synthetic images, batch 2, one thread per process. The tests that must act while a run is in
 a given step (a kill inside a checkpoint write, a rank killed mid-training) train ResNet-50 at output stride 32
-instead, whose steps and 275 MB checkpoint writes last long enough to be caught. The fault table of the README
+instead, whose steps and 275 MB checkpoint writes last long enough to be caught. The fault table of docs/faults.md
 lists what each test shows.
 """
 from __future__ import annotations

@@ -126,7 +126,8 @@ def train_on(train_tool, tmp_path, overrides):
 
 
 def test_train_on_the_lists(tmp_path, capsys, one_thread, monkeypatch, train_tool):
-    """The README's path: make_lists, then the custom config with the printed overrides, from another folder."""
+    """The path of docs/datasets.md, "Your own data": make_lists, then the custom config with the printed
+    overrides, from another folder."""
     make_folder(tmp_path, count=4)
     code, out, _ = run(tmp_path, capsys, "--val-fraction", "0.5")
     assert code == 0

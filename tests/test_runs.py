@@ -46,14 +46,15 @@ def test_results_folder_and_run_directory_follow_the_release_layout():
 
 def test_overrides_carry_through_training_testing_and_rescoring(tmp_path, monkeypatch, train_tool, test_tool,
                                                                  one_thread):
-    """Issue 17 points 1, 2, 4, 5: another save_path and epochs on the command line."""
+    """Another save_path and epochs on the command line: the run's files go to that save_path, tool/test.py
+    with the same overrides finds the run's checkpoint and writes beside it, and re-scoring keeps the record."""
     config = write_tiny_config(tmp_path)  # the YAML's own save_path is tmp_path/model
     list_path = str(tmp_path / "data" / "list.txt")
     run = tmp_path / "runs" / "demo" / "model"
     monkeypatch.setattr(training, "train_iterations", fake_epoch)
     train_tool.main(["--config", str(config), "save_path", str(run), "epochs", "1"])
 
-    # 1. the checkpoints, the log and the effective config all go to the overridden save_path
+    # the checkpoints, the log and the effective config all go to the overridden save_path
     assert not (tmp_path / "model").exists()
     assert (run / "train_epoch_1.pth").is_file()
     logs, copies = sorted(run.glob("train-*.log")), sorted(run.glob("train-*.yaml"))
@@ -62,13 +63,13 @@ def test_overrides_carry_through_training_testing_and_rescoring(tmp_path, monkey
     effective = load_cfg(str(copies[0]))
     assert effective.save_path == str(run) and effective.epochs == 1 and effective.manual_seed == 5
 
-    # 5. resuming a run that never validated says nothing about a best score
+    # resuming a run that never validated says nothing about a best score
     train_tool.main(["--config", str(config), "save_path", str(run), "epochs", "2", "resume", "auto"])
     log_text = "\n".join(path.read_text() for path in run.glob("train-*.log"))
     assert "resumed from" in log_text
     assert "best mIoU" not in log_text and "best validation" not in log_text
 
-    # 2. test.py with the same overrides finds the run's checkpoint and writes beside the run
+    # test.py with the same overrides finds the run's checkpoint and writes beside the run
     assert test_tool.main(["--config", str(config), "save_path", str(run), "epochs", "2", "test_list", list_path,
                            "scales", "[0.75,1.0]", *TEST_KEYS]) == 0
     folder = tmp_path / "runs" / "demo" / "result" / "epoch_2" / "val" / "ms"
@@ -76,7 +77,7 @@ def test_overrides_carry_through_training_testing_and_rescoring(tmp_path, monkey
     assert metrics["model_path"] == str(run / "train_epoch_2.pth") and metrics["scales"] == [0.75, 1.0]
     assert len(list(folder.glob("test-*.log"))) == 1
 
-    # 4. re-scoring those predictions keeps the record of how they were made
+    # re-scoring those predictions keeps the record of how they were made
     assert test_tool.main(["--config", str(config), "test_list", list_path, "has_prediction", "True",
                            "save_folder", str(folder), "scales", "[1.0]", *TEST_KEYS]) == 0
     rescored = json.loads((folder / "metrics.json").read_text())
@@ -87,7 +88,7 @@ def test_overrides_carry_through_training_testing_and_rescoring(tmp_path, monkey
 
 @pytest.mark.slow
 def test_shell_wrappers_from_another_directory_with_relative_paths(tmp_path):
-    """Issue 17 point 3: sh tool/train.sh / tool/test.sh from the user's own directory; the repository's config
+    """sh tool/train.sh / tool/test.sh from the user's own directory; the repository's config
     keeps its repository paths (names, colours), the user's relative paths are the user's."""
     make_dataset(tmp_path / "data", classes=4)
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
@@ -124,7 +125,7 @@ def test_repository_config_paths_are_the_repositorys_from_any_directory(tmp_path
 
 
 def test_a_rejected_config_writes_nothing(tmp_path, train_tool):
-    """Issue 17 point 9: a typo, a bad value or a missing file leaves no directory, log or config copy."""
+    """A typo, a bad value or a missing file leaves no directory, log or config copy."""
     config = write_tiny_config(tmp_path)
     for overrides, expected in ((["epochz", "1"], "did you mean 'epochs'"),
                                 (["epochs", "0"], "epochs must be"),
@@ -135,7 +136,7 @@ def test_a_rejected_config_writes_nothing(tmp_path, train_tool):
 
 
 def test_directories_given_as_checkpoints_say_so(tmp_path, train_tool, test_tool):
-    """Issue 17 point 7: a directory as weight, resume, pretrained or model_path is named as one, with the
+    """A directory as weight, resume, pretrained or model_path is named as one, with the
     checkpoints of a run directory listed."""
     config = write_tiny_config(tmp_path)
     run = tmp_path / "old_run"
@@ -156,7 +157,7 @@ def test_directories_given_as_checkpoints_say_so(tmp_path, train_tool, test_tool
 
 
 def test_missing_imagenet_file_says_where_it_comes_from(tmp_path, train_tool):
-    """Issue 17 point 8."""
+    """A missing ImageNet file names where the weights come from."""
     config = write_tiny_config(tmp_path)
     with pytest.raises(ConfigError) as error:
         train_tool.main(["--config", str(config), "pretrained", "initmodel/resnet50.pth"])
@@ -204,7 +205,7 @@ def test_a_run_checkpoint_for_other_epochs_lists_what_the_run_has(tmp_path, test
 
 
 def test_fine_tuning_a_checkpoint_of_another_class_count(tmp_path, monkeypatch, train_tool, one_thread):
-    """Issue 17 point 6: weight PATH from a 5-class model for a 3-class run loads and says what it re-initialised."""
+    """weight PATH from a 5-class model for a 3-class run loads and says what it re-initialised."""
     import torch
 
     from model import build_model

@@ -22,7 +22,7 @@ IMAGE_SIZES = [(60, 80), (80, 60), (50, 50), (70, 90)]  # (h, w): padded, multi-
 
 
 def _independent_metrics(gray_maps, labels, num_classes):
-    """Scores computed directly with numpy, without util.metrics."""
+    """Scores computed directly with numpy, without util.evaluation.metrics."""
     cm = np.zeros((num_classes, num_classes), np.int64)
     for gray, label in zip(gray_maps, labels):
         keep = label != 255
@@ -274,7 +274,7 @@ def test_demo_writes_three_pngs(synthetic, tmp_path):
 
 
 def test_demo_on_a_folder_and_on_a_video(synthetic, tmp_path, capsys):
-    """Issue 17 point 13: a folder gives the three PNGs per image, a video an overlay video of every frame,
+    """A folder gives the three PNGs per image, a video an overlay video of every frame,
     both with progress lines; the same network and windows as for one image."""
     from tool.demo import main
 

@@ -161,7 +161,7 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
         lines.append(line)
         if "Epoch: [2/3][1/2]" in line:
             # Right after this line rank 0 writes TensorBoard scalars: the interrupt lands in the writer
-            # (whose queue a KeyboardInterrupt used to break, hanging close()).
+            # (a KeyboardInterrupt there must not break its queue and hang close()).
             process.send_signal(signal.SIGINT)
             break
     try:

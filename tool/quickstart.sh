@@ -54,7 +54,7 @@ sh tool/train.sh "${dataset}" "${exp_name}"
 step "evaluating on the validation images"
 sh tool/test.sh "${dataset}" "${exp_name}"
 
-# Where train.sh and test.sh wrote their outputs: the run's last checkpoint and its results (util/runs.py).
+# Where train.sh and test.sh wrote their outputs: the run's last checkpoint and its results (util/runtime/runs.py).
 read -r model_path save_folder < <("$PYTHON" -c "import sys; sys.path.insert(0, '.'); \
 from util.config import load_cfg; from util.runs import resolve_test_paths; \
 cfg = load_cfg('config/${dataset}/${dataset}_${exp_name}.yaml'); resolve_test_paths(cfg); \

@@ -10,10 +10,10 @@
 # SRUN_ARGS (more srun options, e.g. "--time=2-00:00:00 --qos=high"), PYTHON (interpreter).
 # save_path must be a directory every node shares. A stop signal (SIGTERM on preemption, or SIGUSR1
 # sent ahead with --signal) makes training save a mid-epoch checkpoint and exit with 128 + the
-# signal's number; the same command with "resume auto" continues (README, "SLURM": a job file that
-# requeues itself). tool/slurm_test.sh runs this script with tool/test.sh as the task. DATASET EXP are
-# checked here as train.sh checks them (tool/wrapper_common.sh): a config that does not exist is status 2
-# before srun runs; --help prints the usage with status 0.
+# signal's number; the same command with "resume auto" continues (docs/training.md, "Preemption":
+# a job file that requeues itself). tool/slurm_test.sh runs this script with tool/test.sh as the task.
+# DATASET EXP are checked here as train.sh checks them (tool/wrapper_common.sh): a config that does not
+# exist is status 2 before srun runs; --help prints the usage with status 0.
 set -eu
 
 task=${SLURM_TASK_SCRIPT:-train.sh}  # set by tool/slurm_test.sh

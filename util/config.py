@@ -79,7 +79,7 @@ SCHEMA: Dict[str, Dict[str, Any]] = {
         "compile": False,
         "keep_checkpoints": 2,
         # The user's modules to import before the config is read (their registrations and keys):
-        # module names or .py files, e.g. [my_losses.py]. See README "Extending".
+        # module names or .py files, e.g. [my_losses.py]. See docs/extending.md.
         "custom_imports": None,
     },
     "Distributed": {

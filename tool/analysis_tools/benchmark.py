@@ -32,8 +32,8 @@ minor page faults, at most 4 calls): what a long run spends per step, not the fi
 growth. Like tool/train.py and tool/test.py, the run first applies
 ``util.runtime.perf.keep_freed_memory_for_reuse`` (``--default-malloc`` skips it). Progress goes to
 stderr, the JSON alone to stdout (and to ``--output``; ``--markdown`` writes a table of the main
-numbers). The bf16-against-fp32 accuracy checks are tool/analysis_tools/check_bf16.py. The README's
-performance table:
+numbers). The bf16-against-fp32 accuracy checks are tool/analysis_tools/check_bf16.py. The tables of
+docs/performance.md:
 
     python tool/analysis_tools/benchmark.py --config config/ade20k/ade20k_pyconvresnet50_pyconvsegnet.yaml \\
         --compare-naive --onnxruntime --memory-check --eval-iters 3 --train-iters 4 --markdown perf_ade20k.md

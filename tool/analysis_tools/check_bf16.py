@@ -12,7 +12,7 @@
   is judged against that run-to-run noise.
 
 Progress goes to stderr, the JSON to stdout (and ``--output``; ``--markdown`` writes a table). The
-README's figures (trained CamVid weights):
+figures of docs/performance.md (trained CamVid weights):
 
     python tool/analysis_tools/check_bf16.py --config config/camvid/camvid_pyconvresnet50_pyconvsegnet.yaml \\
         --images 16 --loss-curve 20 --markdown bf16_camvid.md \\

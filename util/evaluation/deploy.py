@@ -247,7 +247,7 @@ class _FixedSize(nn.Module):
 def _export_torchscript(model: nn.Module, example: torch.Tensor, path: str, metadata: Dict[str, str]) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # size branches baked in: the size is fixed
-        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated (README: Deployment)
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated (docs/deployment.md)
         traced = torch.jit.trace(model, example, check_trace=False)
         scripted = torch.jit.script(_FixedSize(traced, int(example.shape[2]), int(example.shape[3])))
         torch.jit.save(scripted, path, _extra_files={TORCHSCRIPT_METADATA: json.dumps(metadata)})
@@ -324,7 +324,7 @@ def load_exported_model(path, device: torch.device = torch.device("cpu"), cfg=No
         extra = {TORCHSCRIPT_METADATA: ""}
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated (README: Deployment)
+                warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated (docs/deployment.md)
                 network = torch.jit.load(path, map_location=device, _extra_files=extra)
         except Exception as error:  # RuntimeError / zipfile errors for a bad archive
             raise ExportedModelError(f"{path} is not a readable TorchScript file ({_first_line(error)})") from None

@@ -39,7 +39,7 @@ def keep_freed_memory_for_reuse() -> bool:
     clearing per 4 KB, paid again at every layer of every step. With mmap off (``M_MMAP_MAX`` 0)
     and trimming off (``M_TRIM_THRESHOLD`` huge), freed blocks are reused as they are, which is
     what jemalloc / tcmalloc are recommended for. The gain depends on the machine: compare a
-    benchmark run with and without ``--default-malloc`` (README "Performance").
+    benchmark run with and without ``--default-malloc`` (docs/performance.md).
 
     Cost: the process keeps its peak heap size until it exits (nothing is returned to the OS), so
     its resident memory is its high-water mark. Only glibc (Linux) is affected; elsewhere, or with

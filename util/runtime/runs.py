@@ -35,7 +35,7 @@ from util.runtime.checkpoint_io import PathLike
 from util.runtime.cli import StopSignals, TrainingStopped
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-RELEASED_WEIGHTS_HINT = "README.md, section 'Released weights'"
+RELEASED_WEIGHTS_HINT = "docs/model_zoo.md, section 'Released weights'"
 
 # Config keys whose values are file or directory paths.
 PATH_KEYS = ("data_root", "train_list", "val_list", "save_path", "weight", "resume", "pretrained", "test_list",

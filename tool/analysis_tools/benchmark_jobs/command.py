@@ -19,7 +19,7 @@ def add_common_options(parser) -> None:
     parser.add_argument("--device", default=None, help="cpu / cuda / cuda:N (default: cfg.device, else auto)")
     parser.add_argument("--output", default=None, help="also write the JSON to this file")
     parser.add_argument("--markdown", default=None, metavar="FILE",
-                        help="also write a Markdown table of the main numbers to FILE (for the README)")
+                        help="also write a Markdown table of the main numbers to FILE (for docs/performance.md)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc malloc as it is "
                              "(the tools apply util.runtime.perf.keep_freed_memory_for_reuse)")

@@ -1,4 +1,4 @@
-"""The main numbers of a result as a Markdown table (for the README): one column per precision."""
+"""The main numbers of a result as a Markdown table (for docs/performance.md): one column per precision."""
 from __future__ import annotations
 
 from typing import Dict, List, Optional
