@@ -6,7 +6,9 @@ images for one short epoch, so every piece the quickstart uses is exercised in s
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -106,6 +108,22 @@ def test_demo_config_matches_the_demo_data_and_tools():
 
 def test_quickstart_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(REPO_ROOT / "tool" / "quickstart.sh")], check=True)
+
+
+def test_shell_scripts_import_what_exists():
+    """The project's Python names that the shell scripts import inline (``python -c "from util... import
+    ..."``) exist: a module move would otherwise break a script only at its end, after minutes of work."""
+    imports = [(script.name, module, name.strip())
+               for script in sorted((REPO_ROOT / "tool").glob("*.sh"))
+               for module, names in re.findall(r"from ((?:util|model)[\w.]*) import ([\w, ]+)", script.read_text())
+               for name in names.split(",")]
+    assert any(script == "quickstart.sh" for script, _, _ in imports)  # the pattern still finds its import
+    for script, module, name in imports:
+        try:
+            found = hasattr(importlib.import_module(module), name)
+        except ImportError:
+            found = False
+        assert found, f"tool/{script}: from {module} import {name}"
 
 
 @pytest.mark.slow

@@ -56,7 +56,7 @@ sh tool/test.sh "${dataset}" "${exp_name}"
 
 # Where train.sh and test.sh wrote their outputs: the run's last checkpoint and its results (util/runtime/runs.py).
 read -r model_path save_folder < <("$PYTHON" -c "import sys; sys.path.insert(0, '.'); \
-from util.config import load_cfg; from util.runs import resolve_test_paths; \
+from util.config import load_cfg; from util.runtime.runs import resolve_test_paths; \
 cfg = load_cfg('config/${dataset}/${dataset}_${exp_name}.yaml'); resolve_test_paths(cfg); \
 print(cfg.model_path, cfg.save_folder)")
 elapsed=$(( $(date +%s) - start ))
