@@ -349,3 +349,15 @@ def test_demo_mirrors_sub_folders_and_warns_on_a_truncated_video(synthetic, tmp_
     assert 0 < read < frames
     assert (f"video {video} ended after {read} of the {frames} frames its container reports "
             f"(a truncated or damaged file?)") in out
+
+
+@pytest.mark.parametrize("model_path, recorded", [("run/model.onnx", "fp32"), ("run/model.torchscript", "fp32"),
+                                                  ("run/train_epoch_2.pth", "bf16")])
+def test_prediction_record_states_the_precision_that_ran(synthetic, model_path, recorded):
+    """An exported file computes in float32 whatever ``precision`` says: predictions.json and metrics.json
+    record fp32 for it, and the config's precision for a checkpoint."""
+    from util.evaluation.inference import inference_kwargs
+    from util.evaluation.scoring import prediction_record
+
+    cfg = load_cfg(str(synthetic / "config.yaml"), ["precision", "bf16"])
+    assert prediction_record(cfg, model_path, inference_kwargs(cfg))["precision"] == recorded

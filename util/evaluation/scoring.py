@@ -12,6 +12,7 @@ import torch
 
 from util.data.dataset import ListEntry, load_label
 from util.errors import CheckpointError, ConfigError, DataError
+from util.evaluation.deploy import is_exported_model
 from util.evaluation.inference import inference_kwargs, load_inference_model
 from util.evaluation.metrics import nan_to_none
 from util.evaluation.visualize import colorize, config_class_names, config_palette, save_gray, save_rgb
@@ -53,10 +54,19 @@ PREDICTION_RECORD = "predictions.json"  # how the gray maps of a save folder wer
 PREDICTION_KEYS = ("model_path", "scales", "base_size", "crop_size", "flip", "precision")
 
 
+def precision_that_runs(cfg, model_path: Optional[str]) -> str:
+    """The precision the predictions of ``model_path`` are computed in: the config's ``precision`` for a
+    checkpoint; ``fp32`` for an exported file, which always computes in float32 (autocast does not reach
+    into it: util/evaluation/deploy.py)."""
+    return "fp32" if model_path and is_exported_model(model_path) else cfg.get("precision", "fp32")
+
+
 def prediction_record(cfg, model_path: Optional[str], kwargs: dict) -> dict:
-    """The settings that make this run's predictions (kept in the save folder and in metrics.json)."""
+    """The settings that make this run's predictions (kept in the save folder and in metrics.json); each
+    states what ran (``precision``: :func:`precision_that_runs`)."""
     return dict(model_path=str(model_path), scales=kwargs["scales"], base_size=cfg.base_size,
-                crop_size=list(kwargs["crop_size"]), flip=bool(kwargs["flip"]), precision=cfg.get("precision", "fp32"))
+                crop_size=list(kwargs["crop_size"]), flip=bool(kwargs["flip"]),
+                precision=precision_that_runs(cfg, model_path))
 
 
 def read_prediction_record(save_folder: str, logger) -> dict:
@@ -107,6 +117,9 @@ def evaluate_run(cfg, model_path: Optional[str], save_folder: str, entries: Sequ
         save_prediction = None
     else:
         made_by = prediction_record(cfg, model_path, kwargs)
+        if made_by["precision"] != cfg.get("precision", "fp32"):
+            logger.info(f"=> precision {cfg.precision} applies to checkpoints: {model_path} is an exported file and "
+                        f"computes in float32 (recorded as fp32)")
         # Always a fresh model: load_inference_model folds BatchNorm into the convolutions, so a
         # previous run's model no longer has the checkpoint's layout to load new weights into.
         model = load_inference_model(cfg, model_path, device)
