@@ -186,3 +186,21 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
                             timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "resumed from" in result.stdout and (tmp_path / "model" / "train_epoch_3.pth").is_file()
+
+
+@pytest.mark.parametrize("val_mode, val_max_images, said", [
+    ("whole", 25, "all 4 images of val_list"), ("crop", 25, "all 4 images of val_list"),
+    ("whole", 2, "2 evenly spaced of the 4 images of val_list")])
+def test_log_says_how_many_images_are_validated(tmp_path, monkeypatch, train_tool, val_mode, val_max_images, said):
+    """val_max_images only bounds the subset: the log names the number of images actually validated."""
+    config = write_tiny_config(tmp_path, evaluate=True, epochs=1, val_mode=val_mode, val_max_images=val_max_images)
+    monkeypatch.setattr(training, "train_iterations", lambda *a, **k: {
+        "loss": 1.0, "main_loss": 1.0, "aux_loss": 0.0, "mIoU": 0.1, "mAcc": 0.1, "allAcc": 0.1})
+    monkeypatch.setattr(whole_images, "evaluate_images", lambda entries, *a, **k: {
+        "mIoU": 0.1, "mAcc": 0.1, "allAcc": 0.1, "num_images": len(entries)})
+    train_tool.main(["--config", str(config)])
+    log = next((tmp_path / "model").glob("train-*.log")).read_text()
+    for start in ("validation every 1 epoch(s) on", "Val result at epoch [1/1] (", "Whole-image validation of the"):
+        lines = [line for line in log.splitlines() if start in line]
+        assert lines and all(said in line for line in lines), (start, lines)
+    assert "evenly spaced images" not in log

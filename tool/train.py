@@ -174,7 +174,7 @@ def fit(cfg, ctx, status: RunStatus) -> Dict[str, Any]:
                 f"over {ctx.world_size} process(es): {data.batch_size} per process per step, "
                 f"{iters_per_epoch} iterations per epoch, {max_iter} in total")
     if cfg.evaluate:
-        logger.info(f"validation every {cfg.val_every} epoch(s) on {validation.validation_protocol(cfg)}")
+        logger.info(f"validation every {cfg.val_every} epoch(s) on {validation.validation_protocol(cfg, data)}")
 
     model = training.build_training_model(cfg, ctx, checkpoint is not None, logger)
     optim = training.build_optimization(cfg, ctx, model, iters_per_epoch)

@@ -102,10 +102,18 @@ def evaluate_crops(model: nn.Module, loader, criterion: nn.Module, device: torch
     return result
 
 
-def validation_protocol(cfg) -> str:
-    """What the validation mIoU measures, in words (logged, and saved with the best score: scores
-    of different protocols are not compared)."""
-    images = f"{cfg.val_max_images} evenly spaced images" if cfg.val_max_images else "all images"
+def validation_protocol(cfg, data: Optional[TrainingData] = None) -> str:
+    """What the validation mIoU measures, in words.
+
+    Without ``data``, the settings alone (saved with the best score: scores of different protocols are
+    not compared); with the run's ``data`` (for the log), the number of images actually validated, which
+    ``val_max_images`` only bounds: ``all 3 images of val_list``, ``25 evenly spaced of the 101 images
+    of val_list``."""
+    if data is None:
+        images = f"{cfg.val_max_images} evenly spaced images" if cfg.val_max_images else "all images"
+    else:
+        used, listed = data.val_image_count(), data.val_list_length
+        images = f"all {listed} images" if used == listed else f"{used} evenly spaced of the {listed} images"
     if cfg.val_mode == "crop":
         return f"centre {cfg.train_h}x{cfg.train_w} crop of {images} of val_list"
     return (f"whole images ({images} of val_list), tool/test.py's sliding window: scales {list(cfg.val_scales)}, "
@@ -177,7 +185,7 @@ def validate(cfg, ctx, model, data: TrainingData, optim: Optimization, epochs_do
         stats = evaluate_crops(model, data.val_loader, optim.criterion, ctx.device, cfg.classes, cfg.ignore_label,
                                 amp_dtype=optim.amp_dtype, channels_last=cfg.channels_last, logger=logger)
     loss_text = f"loss {stats['loss']:.4f} " if "loss" in stats else ""
-    logger.info(f"Val result at epoch [{epochs_done}/{cfg.epochs}] ({validation_protocol(cfg)}): {loss_text}"
+    logger.info(f"Val result at epoch [{epochs_done}/{cfg.epochs}] ({validation_protocol(cfg, data)}): {loss_text}"
                 f"mIoU/mAcc/allAcc {stats['mIoU']:.4f}/{stats['mAcc']:.4f}/{stats['allAcc']:.4f}")
     if writer is not None:
         for name in ("loss", "mIoU", "mAcc", "allAcc"):
@@ -195,7 +203,7 @@ def report_final_and_best(cfg, ctx, model, data: TrainingData, last_whole: Optio
         entries = dataset.SegDataset("val", cfg.data_root, cfg.val_list).entries
         data.val_entries = [entries[i] for i in evenly_spaced_subset(len(entries), cfg.val_max_images)]
     whole_cfg = type(cfg)(cfg, val_mode="whole")
-    protocol = validation_protocol(whole_cfg)
+    protocol = validation_protocol(whole_cfg, data)
     results: Dict[str, Any] = {}
     distributed.broadcast_buffers(model)
     results["final"] = last_whole or validate_whole_images(cfg, ctx, model, data.val_entries, logger,
