@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -204,3 +205,35 @@ def test_log_says_how_many_images_are_validated(tmp_path, monkeypatch, train_too
         lines = [line for line in log.splitlines() if start in line]
         assert lines and all(said in line for line in lines), (start, lines)
     assert "evenly spaced images" not in log
+
+
+@pytest.mark.parametrize("val_mode", ["whole", "crop"])
+def test_each_validation_writes_preview_images(tmp_path, monkeypatch, train_tool, val_mode):
+    """Both validation modes put image | ground truth | prediction panels into TensorBoard at every
+    validation (crop mode: the validated centre crops)."""
+    import tensorboardX
+
+    images = []
+
+    class RecordingWriter:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def add_image(self, tag, panel, step, dataformats):
+            images.append((tag, step, panel.shape, panel.dtype))
+
+        def add_scalar(self, *args, **kwargs):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tensorboardX, "SummaryWriter", RecordingWriter)
+    monkeypatch.setattr(training, "train_iterations", lambda *a, **k: {
+        "loss": 1.0, "main_loss": 1.0, "aux_loss": 0.0, "mIoU": 0.1, "mAcc": 0.1, "allAcc": 0.1})
+    config = write_tiny_config(tmp_path, evaluate=True, epochs=2, val_mode=val_mode, train_h=33, train_w=33)
+    train_tool.main(["--config", str(config)])
+    height, width = (33, 33) if val_mode == "crop" else (48, 56)  # the crop, or make_dataset's whole image
+    assert sorted((tag, step) for tag, step, _, _ in images) == [
+        (f"val_preview/{index}", step) for index in (0, 2, 3) for step in (1, 2)]  # 3 evenly spaced of 4, each epoch
+    assert {(shape, dtype) for _, _, shape, dtype in images} == {((height, 3 * width, 3), np.dtype(np.uint8))}

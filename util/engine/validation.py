@@ -1,7 +1,7 @@
 """Validation during training, in one place: what is measured (:func:`validation_protocol`), when
 (:func:`should_validate`), how (:func:`validate`: whole images through tool/test.py's protocol,
 util/evaluation/whole_images.py, or the release's centre crops, :func:`evaluate_crops`), what is
-reported (log lines, TensorBoard scalars and preview images) and the whole-image score of the final
+reported (log lines, TensorBoard scalars and preview images, in both modes) and the whole-image score of the final
 and the best model at the end of training (:func:`report_final_and_best`)."""
 from __future__ import annotations
 
@@ -161,17 +161,54 @@ def validate_whole_images(cfg, ctx, model, entries, logger, title: str, writer=N
     return stats
 
 
+def add_preview(writer, image_path, image: np.ndarray, label: np.ndarray, prediction: np.ndarray,
+                palette: np.ndarray, step: int) -> None:
+    """TensorBoard image ``val_preview/NAME``: the HxWx3 RGB ``image`` (0..255), its ``label`` and the
+    ``prediction`` (HxW class ids) coloured with ``palette``, side by side."""
+    panel = np.concatenate([image.astype(np.uint8), colorize(label, palette), colorize(prediction, palette)], axis=1)
+    writer.add_image(f"val_preview/{Path(image_path).stem}", panel, step, dataformats="HWC")
+
+
 def write_previews(cfg, writer, entries, previews: Dict[int, Any], step: int) -> None:
-    """TensorBoard images ``val_preview/NAME``: the image, its ground truth and the prediction side by side."""
+    """:func:`add_preview` of the whole images ``entries[index]`` predicted as ``previews[index]``."""
     palette = config_palette(cfg)
     for index, prediction in previews.items():
         if prediction is None:  # not predicted (an evaluation stopped early, or a test's stand-in)
             continue
         entry = entries[index]
-        image = load_image(entry.image_path).astype(np.uint8)
-        truth = colorize(load_label(entry.label_path), palette)
-        panel = np.concatenate([image, truth, colorize(prediction, palette)], axis=1)
-        writer.add_image(f"val_preview/{Path(entry.image_path).stem}", panel, step, dataformats="HWC")
+        add_preview(writer, entry.image_path, load_image(entry.image_path), load_label(entry.label_path),
+                    prediction, palette, step)
+
+
+def write_crop_previews(cfg, writer, model: nn.Module, val_set, device: torch.device, step: int,
+                        amp_dtype: Optional[torch.dtype] = None) -> None:
+    """:func:`add_preview` of ``PREVIEW_IMAGES`` evenly spaced samples of the crop-mode validation set
+    (``val_set``, a SegDataset or a Subset of one): their centre crops, as validated, predicted by
+    ``model`` (the plain module; rank 0 alone, no collective call)."""
+    from util.data.transforms import MEAN, STD
+
+    was_training = model.training
+    model.eval()
+    palette = config_palette(cfg)
+    for index in evenly_spaced_subset(len(val_set), PREVIEW_IMAGES):
+        image, label = val_set[index]
+        with torch.inference_mode(), autocast(device.type, amp_dtype):
+            logits = model(image.unsqueeze(0).to(device))
+        logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+        logits = torch.nn.functional.interpolate(logits.float(), size=tuple(label.shape[-2:]), mode="bilinear",
+                                                 align_corners=True)
+        prediction = logits.argmax(1)[0].to("cpu", torch.uint8).numpy()
+        pixels = image.permute(1, 2, 0).cpu().numpy() * np.array(STD) + np.array(MEAN)  # undo Normalize
+        add_preview(writer, _entry(val_set, index).image_path, np.clip(pixels, 0, 255), label.numpy(),
+                    prediction, palette, step)
+    model.train(was_training)
+
+
+def _entry(val_set, index: int):
+    """The list entry of sample ``index`` of a SegDataset or of a Subset of one."""
+    if isinstance(val_set, torch.utils.data.Subset):
+        return val_set.dataset.entries[val_set.indices[index]]
+    return val_set.entries[index]
 
 
 def validate(cfg, ctx, model, data: TrainingData, optim: Optimization, epochs_done: int, logger, writer):
@@ -184,6 +221,9 @@ def validate(cfg, ctx, model, data: TrainingData, optim: Optimization, epochs_do
     else:
         stats = evaluate_crops(model, data.val_loader, optim.criterion, ctx.device, cfg.classes, cfg.ignore_label,
                                 amp_dtype=optim.amp_dtype, channels_last=cfg.channels_last, logger=logger)
+        if writer is not None:
+            write_crop_previews(cfg, writer, model, data.val_loader.dataset, ctx.device, epochs_done,
+                                amp_dtype=optim.amp_dtype)
     loss_text = f"loss {stats['loss']:.4f} " if "loss" in stats else ""
     logger.info(f"Val result at epoch [{epochs_done}/{cfg.epochs}] ({validation_protocol(cfg, data)}): {loss_text}"
                 f"mIoU/mAcc/allAcc {stats['mIoU']:.4f}/{stats['mAcc']:.4f}/{stats['allAcc']:.4f}")
