@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +43,13 @@ def test_results_folder_and_run_directory_follow_the_release_layout():
                                                                                         "epoch_4", "val", "ss")
     assert results_folder("runs/a/model/best_mIoU.pth", "test", [0.5, 1.0]).endswith(
         os.path.join("result", "best_mIoU", "test", "ms"))
+
+
+def test_each_model_file_gets_its_own_results_folder():
+    """A checkpoint and its ONNX and TorchScript exports (one stem) are evaluated into three folders."""
+    folders = [results_folder(f"runs/a/model/best_mIoU{suffix}", "val", [1.0])
+               for suffix in (".pth", ".onnx", ".torchscript")]
+    assert [Path(folder).parts[-3] for folder in folders] == ["best_mIoU", "best_mIoU_onnx", "best_mIoU_torchscript"]
 
 
 def test_overrides_carry_through_training_testing_and_rescoring(tmp_path, monkeypatch, train_tool, test_tool,

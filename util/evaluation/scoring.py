@@ -82,6 +82,25 @@ def read_prediction_record(save_folder: str, logger) -> dict:
         return {key: None for key in PREDICTION_KEYS}
 
 
+def replaced_results_message(save_folder: str, model_path: Optional[str]) -> Optional[str]:
+    """A warning when ``save_folder`` holds the results of another model than ``model_path`` (its
+    predictions.json names another file): this run replaces them. None for an empty folder or the same model."""
+    path = Path(save_folder) / PREDICTION_RECORD
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8")).get("model_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not earlier or earlier == str(model_path):
+        return None
+    try:
+        if os.path.samefile(earlier, str(model_path)):
+            return None
+    except OSError:  # the earlier model is gone (or was relative to another directory): names differ
+        pass
+    return (f"{save_folder} holds the results of {earlier}: this run replaces them with those of {model_path} "
+            f"(give save_folder to keep both)")
+
+
 def write_json(path: Path, data: dict) -> None:
     """Write ``data`` atomically (a crash never leaves half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,6 +136,9 @@ def evaluate_run(cfg, model_path: Optional[str], save_folder: str, entries: Sequ
         save_prediction = None
     else:
         made_by = prediction_record(cfg, model_path, kwargs)
+        replaced = replaced_results_message(save_folder, model_path) if rank == 0 else None
+        if replaced:
+            logger.warning(replaced)
         if made_by["precision"] != cfg.get("precision", "fp32"):
             logger.info(f"=> precision {cfg.precision} applies to checkpoints: {model_path} is an exported file and "
                         f"computes in float32 (recorded as fp32)")

@@ -9,8 +9,8 @@ A run is the directory ``save_path`` that tool/train.py fills:
   used it);
 * results of tool/test.py go to ``RUN/result/NAME/SPLIT/ss`` (``ms`` for several scales), where RUN
   is :func:`run_directory` of the checkpoint's folder and NAME the checkpoint's name
-  (``train_epoch_4.pth`` -> ``epoch_4``, ``best_mIoU.pth`` -> ``best_mIoU``), as in the release's
-  ``exp/DATASET/EXP/{model,result}`` layout.
+  (``train_epoch_4.pth`` -> ``epoch_4``, ``best_mIoU.pth`` -> ``best_mIoU``; an exported file keeps its
+  suffix: ``x.onnx`` -> ``x_onnx``), as in the release's ``exp/DATASET/EXP/{model,result}`` layout.
 
 Relative paths (:func:`rebase_repository_paths`): a path typed on the command line means what it
 means in the shell it was typed in (relative to the current directory); a relative path inside one of
@@ -96,9 +96,14 @@ def run_directory(checkpoint_dir: str) -> str:
 
 
 def result_name(model_path: str) -> str:
-    """``train_epoch_4.pth`` -> ``epoch_4``; ``best_mIoU.pth`` -> ``best_mIoU``; ``x.pth`` -> ``x``."""
-    stem = Path(model_path).stem
-    return stem[len("train_"):] if stem.startswith("train_epoch_") else stem
+    """The results' name of a model file: a checkpoint's name without ``.pth`` (``train_epoch_4.pth`` ->
+    ``epoch_4``, ``best_mIoU.pth`` -> ``best_mIoU``, ``x.pth`` -> ``x``); any other file keeps its suffix,
+    so that the exports of one checkpoint do not share a folder (``x.onnx`` -> ``x_onnx``,
+    ``x.torchscript`` -> ``x_torchscript``)."""
+    path = Path(model_path)
+    if path.suffix != ".pth":
+        return path.name.replace(".", "_")
+    return path.stem[len("train_"):] if path.stem.startswith("train_epoch_") else path.stem
 
 
 def results_folder(model_path: str, split: str, scales: Sequence[float]) -> str:
