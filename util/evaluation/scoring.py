@@ -110,12 +110,14 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def evaluate_run(cfg, model_path: Optional[str], save_folder: str, entries: Sequence[ListEntry],
-                 names: Sequence[str], device: torch.device, rank: int, world_size: int, logger) -> Optional[dict]:
+                 names: Sequence[str], device: torch.device, rank: int, world_size: int, logger,
+                 environment: Optional[dict] = None) -> Optional[dict]:
     """Predict (or read saved predictions) for this process's share of ``entries`` and score them
     with :func:`util.evaluation.whole_images.evaluate_images` (the loop the training-time validation runs too).
 
-    ``names[i]`` is the output file name of ``entries[i]``. Returns the metrics dict (None for an
-    unlabelled split).
+    ``names[i]`` is the output file name of ``entries[i]``; ``environment`` (where the scoring ran:
+    util.runtime.environment.collect_environment) goes into metrics.json. Returns the metrics dict (None
+    for an unlabelled split).
     """
     labelled = cfg.split != "test"
     gray_folder = Path(save_folder) / "gray"
@@ -179,6 +181,7 @@ def evaluate_run(cfg, model_path: Optional[str], save_folder: str, entries: Sequ
             has_prediction=bool(cfg.has_prediction),
             **made_by,
             confusion_matrix=metrics["confusion_matrix"].cpu().tolist(),
+            environment=environment,
         )
         metrics_path = Path(save_folder) / "metrics.json"
         write_json(metrics_path, nan_to_none(record))
