@@ -76,6 +76,15 @@ def rebase_repository_paths(cfg, config_path: Optional[str], overridden: Iterabl
         cfg[key] = os.path.normpath(os.path.join(REPO_ROOT, os.path.expanduser(value)))
 
 
+def repository_twin(path: str) -> Optional[str]:
+    """For a relative ``path`` missing in the current directory (not the repository root) but present
+    under the repository root: that file's path, for an error message (never used in its place)."""
+    if not path or os.path.isabs(path) or os.path.exists(path) or Path.cwd().resolve() == REPO_ROOT:
+        return None
+    twin = REPO_ROOT / os.path.expanduser(path)
+    return str(twin) if twin.exists() else None
+
+
 def expand_user_paths(cfg) -> None:
     """``~/runs`` -> ``/home/me/runs`` for every path key (a quoted ``~`` reaches us unexpanded)."""
     for key in PATH_KEYS:
@@ -184,6 +193,11 @@ def checkpoint_path_problem(key: str, path: str) -> Optional[str]:
                     f"give one of them, e.g. {key} {os.path.join(path, found[-1])}")
         return (f"{key} {path} is a directory, not a checkpoint file "
                 f"(it holds no train_epoch_N.pth or {BEST_CHECKPOINT})")
+    twin = repository_twin(path)
+    if twin:  # the one rule, said where it bites: the file is there, relative to the repository instead
+        return (f"{key} file not found: {path} (relative to the current directory {os.getcwd()}, as every path "
+                f"typed on the command line; the repository holds {twin}: give that path, or run from the "
+                f"repository root)")
     if key == "resume":
         return (f"resume checkpoint not found: {path} (use 'resume auto' to continue from the newest "
                 f"train_epoch_N.pth in save_path if there is one)")
