@@ -115,3 +115,39 @@ def test_log_lines(monkeypatch):
     cpu = {**record["cpu"], "model": "AMD EPYC", "native_bf16": True, "capability": "AVX512", "cores": 2}
     assert "CPU AMD EPYC (2 cores, native bf16, kernels AVX512)" in format_environment({**record, "cpu": cpu})
     assert "not installed" in format_environment({**record, "torchvision": None})[0]
+
+
+def test_training_logs_it_once_and_every_checkpoint_and_metrics_json_carry_it(tmp_path, monkeypatch, train_tool,
+                                                                             test_tool):
+    """A run records where it ran: the training log at its start, each checkpoint (loadable with
+    weights_only=True) under "environment", collected once per run; tool/test.py's metrics.json too."""
+    from util.engine import training
+    from util.runtime.environment import format_environment
+
+    from tiny_runs import write_tiny_config
+
+    calls = []
+
+    def counted():
+        calls.append(1)
+        return collect_environment()
+
+    monkeypatch.setattr(train_tool, "collect_environment", counted)
+    monkeypatch.setattr(training, "train_iterations", lambda *a, **k: {
+        "loss": 1.0, "main_loss": 1.0, "aux_loss": 0.0, "mIoU": 0.1, "mAcc": 0.1, "allAcc": 0.1})
+    config = write_tiny_config(tmp_path, epochs=2, evaluate=True, save_freq=1, keep_checkpoints=5)
+    train_tool.main(["--config", str(config)])
+    assert len(calls) == 1  # once per run, not per checkpoint
+    expected = collect_environment()
+    log = next((tmp_path / "model").glob("train-*.log")).read_text()
+    for line in format_environment(expected):
+        assert line in log
+    checkpoints = sorted((tmp_path / "model").glob("*.pth"))
+    assert [p.name for p in checkpoints] == ["best_mIoU.pth", "train_epoch_1.pth", "train_epoch_2.pth"]
+    for path in checkpoints:
+        assert torch.load(path, weights_only=True)["environment"] == expected, path
+
+    folder = tmp_path / "result"
+    assert test_tool.main(["--config", str(config), "test_list", str(tmp_path / "data" / "list.txt"),
+                           "model_path", str(checkpoints[-1]), "save_folder", str(folder)]) == 0
+    assert json.loads((folder / "metrics.json").read_text())["environment"] == json.loads(json.dumps(expected))

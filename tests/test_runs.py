@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +44,13 @@ def test_results_folder_and_run_directory_follow_the_release_layout():
                                                                                         "epoch_4", "val", "ss")
     assert results_folder("runs/a/model/best_mIoU.pth", "test", [0.5, 1.0]).endswith(
         os.path.join("result", "best_mIoU", "test", "ms"))
+
+
+def test_each_model_file_gets_its_own_results_folder():
+    """A checkpoint and its ONNX and TorchScript exports (one stem) are evaluated into three folders."""
+    folders = [results_folder(f"runs/a/model/best_mIoU{suffix}", "val", [1.0])
+               for suffix in (".pth", ".onnx", ".torchscript")]
+    assert [Path(folder).parts[-3] for folder in folders] == ["best_mIoU", "best_mIoU_onnx", "best_mIoU_torchscript"]
 
 
 def test_overrides_carry_through_training_testing_and_rescoring(tmp_path, monkeypatch, train_tool, test_tool,
@@ -224,3 +233,27 @@ def test_fine_tuning_a_checkpoint_of_another_class_count(tmp_path, monkeypatch, 
         if not key.startswith(("cls.1.", "aux.4.")):
             assert torch.equal(saved[f"module.{key}"], value), key
     assert saved["module.cls.1.weight"].shape[0] == 3
+
+
+def test_a_typed_path_missing_here_but_in_the_repository_is_named(tmp_path, monkeypatch, test_tool):
+    """The 'Your own data' mistake: training from the repository root writes exp/...; model_path exp/... typed
+    in another directory is relative to that directory (the rule), and the error names the repository's file."""
+    config = write_tiny_config(tmp_path)
+    run = REPO_ROOT / "exp" / f"test_twin_{tmp_path.name}" / "model"
+    typed = os.path.relpath(run / "train_epoch_2.pth", REPO_ROOT)
+    made_exp = not run.parents[1].exists()
+    run.mkdir(parents=True)
+    try:
+        (run / "train_epoch_2.pth").write_bytes(b"x")
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(CheckpointError) as error:
+            test_tool.main(["--config", str(config), "test_list", str(tmp_path / "data" / "list.txt"),
+                            "model_path", typed, *TEST_KEYS])
+        message = str(error.value)
+        assert message.startswith(f"model_path file not found: {typed} (relative to the current directory {tmp_path}")
+        assert f"the repository holds {run / 'train_epoch_2.pth'}" in message
+        assert not (tmp_path / "exp").exists()  # nothing was written for a refused path
+        monkeypatch.chdir(REPO_ROOT)  # from the repository root the typed path is that file
+        assert checkpoint_path_problem("model_path", typed) is None
+    finally:
+        shutil.rmtree(run.parents[1] if made_exp else run.parent)

@@ -305,7 +305,7 @@ def test_demo_on_a_folder_and_on_a_video(synthetic, tmp_path, capsys):
         writer.write(frame)
     writer.release()
     assert main(_argv(synthetic, "--image", video, "--output", tmp_path / "video_out")) == 0
-    result = cv2.VideoCapture(str(tmp_path / "video_out" / "clip_overlay.mp4"))
+    result = cv2.VideoCapture(str(tmp_path / "video_out" / "clip_mp4_overlay.mp4"))
     assert int(result.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
     ok, first = result.read()
     assert ok and first.shape == (height, width, 3)
@@ -345,7 +345,51 @@ def test_demo_mirrors_sub_folders_and_warns_on_a_truncated_video(synthetic, tmp_
     assert int(cv2.VideoCapture(str(video)).get(cv2.CAP_PROP_FRAME_COUNT)) == frames
     assert main(_argv(synthetic, "--image", video, "--output", tmp_path / "video_out")) == 0
     out = capsys.readouterr().out
-    read = int(cv2.VideoCapture(str(tmp_path / "video_out" / "clip_overlay.mp4")).get(cv2.CAP_PROP_FRAME_COUNT))
+    read = int(cv2.VideoCapture(str(tmp_path / "video_out" / "clip_avi_overlay.mp4")).get(cv2.CAP_PROP_FRAME_COUNT))
     assert 0 < read < frames
     assert (f"video {video} ended after {read} of the {frames} frames its container reports "
             f"(a truncated or damaged file?)") in out
+
+
+@pytest.mark.parametrize("model_path, recorded", [("run/model.onnx", "fp32"), ("run/model.torchscript", "fp32"),
+                                                  ("run/train_epoch_2.pth", "bf16")])
+def test_prediction_record_states_the_precision_that_ran(synthetic, model_path, recorded):
+    """An exported file computes in float32 whatever ``precision`` says: predictions.json and metrics.json
+    record fp32 for it, and the config's precision for a checkpoint."""
+    from util.evaluation.inference import inference_kwargs
+    from util.evaluation.scoring import prediction_record
+
+    cfg = load_cfg(str(synthetic / "config.yaml"), ["precision", "bf16"])
+    assert prediction_record(cfg, model_path, inference_kwargs(cfg))["precision"] == recorded
+
+
+def test_a_save_folder_of_another_model_is_replaced_with_a_warning(synthetic, tmp_path, capsys):
+    """Two models evaluated into one save_folder: the second run says it replaces the first one's results."""
+    from tool.test import main
+
+    other = tmp_path / "other.pth"
+    shutil.copy(synthetic / "model.pth", other)
+    folder = tmp_path / "shared_folder"
+    for model_path in (synthetic / "model.pth", synthetic / "model.pth", other):
+        assert main(_argv(synthetic, "model_path", model_path, "save_folder", folder)) == 0
+        warnings = [line for line in capsys.readouterr().out.splitlines() if "this run replaces them" in line]
+        if model_path == other:  # another file: said once, naming both
+            assert len(warnings) == 1 and str(synthetic / "model.pth") in warnings[0] and str(other) in warnings[0]
+        else:  # the same model again (or a fresh folder): nothing to say
+            assert warnings == []
+    assert json.loads((folder / "predictions.json").read_text())["model_path"] == str(other)
+
+
+def test_demo_video_overlays_keep_the_input_suffix(synthetic, tmp_path):
+    """clip.mp4 and clip.avi into one output folder: two overlay videos, neither overwritten."""
+    from tool.demo import main
+
+    frame = cv2.imread(str(synthetic / "images/img0.png"))
+    for suffix, codec in ((".mp4", "mp4v"), (".avi", "MJPG")):
+        writer = cv2.VideoWriter(str(tmp_path / f"clip{suffix}"), cv2.VideoWriter_fourcc(*codec), 5.0,
+                                 frame.shape[1::-1])
+        for _ in range(2):
+            writer.write(frame)
+        writer.release()
+        assert main(_argv(synthetic, "--image", tmp_path / f"clip{suffix}", "--output", tmp_path / "out")) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["clip_avi_overlay.mp4", "clip_mp4_overlay.mp4"]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -186,3 +187,53 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
                             timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "resumed from" in result.stdout and (tmp_path / "model" / "train_epoch_3.pth").is_file()
+
+
+@pytest.mark.parametrize("val_mode, val_max_images, said", [
+    ("whole", 25, "all 4 images of val_list"), ("crop", 25, "all 4 images of val_list"),
+    ("whole", 2, "2 evenly spaced of the 4 images of val_list")])
+def test_log_says_how_many_images_are_validated(tmp_path, monkeypatch, train_tool, val_mode, val_max_images, said):
+    """val_max_images only bounds the subset: the log names the number of images actually validated."""
+    config = write_tiny_config(tmp_path, evaluate=True, epochs=1, val_mode=val_mode, val_max_images=val_max_images)
+    monkeypatch.setattr(training, "train_iterations", lambda *a, **k: {
+        "loss": 1.0, "main_loss": 1.0, "aux_loss": 0.0, "mIoU": 0.1, "mAcc": 0.1, "allAcc": 0.1})
+    monkeypatch.setattr(whole_images, "evaluate_images", lambda entries, *a, **k: {
+        "mIoU": 0.1, "mAcc": 0.1, "allAcc": 0.1, "num_images": len(entries)})
+    train_tool.main(["--config", str(config)])
+    log = next((tmp_path / "model").glob("train-*.log")).read_text()
+    for start in ("validation every 1 epoch(s) on", "Val result at epoch [1/1] (", "Whole-image validation of the"):
+        lines = [line for line in log.splitlines() if start in line]
+        assert lines and all(said in line for line in lines), (start, lines)
+    assert "evenly spaced images" not in log
+
+
+@pytest.mark.parametrize("val_mode", ["whole", "crop"])
+def test_each_validation_writes_preview_images(tmp_path, monkeypatch, train_tool, val_mode):
+    """Both validation modes put image | ground truth | prediction panels into TensorBoard at every
+    validation (crop mode: the validated centre crops)."""
+    import tensorboardX
+
+    images = []
+
+    class RecordingWriter:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def add_image(self, tag, panel, step, dataformats):
+            images.append((tag, step, panel.shape, panel.dtype))
+
+        def add_scalar(self, *args, **kwargs):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tensorboardX, "SummaryWriter", RecordingWriter)
+    monkeypatch.setattr(training, "train_iterations", lambda *a, **k: {
+        "loss": 1.0, "main_loss": 1.0, "aux_loss": 0.0, "mIoU": 0.1, "mAcc": 0.1, "allAcc": 0.1})
+    config = write_tiny_config(tmp_path, evaluate=True, epochs=2, val_mode=val_mode, train_h=33, train_w=33)
+    train_tool.main(["--config", str(config)])
+    height, width = (33, 33) if val_mode == "crop" else (48, 56)  # the crop, or make_dataset's whole image
+    assert sorted((tag, step) for tag, step, _, _ in images) == [
+        (f"val_preview/{index}", step) for index in (0, 2, 3) for step in (1, 2)]  # 3 evenly spaced of 4, each epoch
+    assert {(shape, dtype) for _, _, shape, dtype in images} == {((height, 3 * width, 3), np.dtype(np.uint8))}

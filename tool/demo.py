@@ -9,8 +9,8 @@ Uses the weights of ``model_path`` (empty: the run's last checkpoint, as tool/te
 test-time settings of the config (``scales``, ``base_size``, ``test_h``/``test_w``,
 ``test_batch_size``, ``precision``; palette ``colors_path``, names ``names_path``). For each image it
 writes DIR/NAME_gray.png (class ids), DIR/NAME_color.png and DIR/NAME_overlay.png (a folder's
-sub-folders mirrored in DIR); for a video DIR/NAME_overlay.mp4 (util/evaluation/segment_files.py), with progress
-lines for folders and videos.
+sub-folders mirrored in DIR); for a video NAME.EXT DIR/NAME_EXT_overlay.mp4
+(util/evaluation/segment_files.py), with progress lines for folders and videos.
 """
 from __future__ import annotations
 

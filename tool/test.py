@@ -45,6 +45,7 @@ from util.runtime.distributed import (  # noqa: E402
     launcher_world_size,
     select_device,
 )
+from util.runtime.environment import collect_environment, format_environment  # noqa: E402
 from util.runtime.log import get_logger  # noqa: E402
 from util.runtime.runs import evaluation_log_path, resolve_test_paths, timestamp  # noqa: E402
 
@@ -74,6 +75,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logger = get_logger(rank=rank, log_file=evaluation_log_path(cfg.save_folder, timestamp()))
         for line in derived:
             logger.info(f"=> {line}")
+        environment = collect_environment() if rank == 0 else None  # once, for the log and every metrics.json
+        for line in format_environment(environment) if environment else []:
+            logger.info(line)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # every window has the same shape
         entries = select_items(read_list_entries(cfg.test_list, cfg.data_root, cfg.split), cfg.index_start,
@@ -84,7 +88,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for model_path, save_folder in runs:
             source = f"saved predictions in {save_folder}" if cfg.has_prediction else f"{model_path} -> {save_folder}"
             logger.info(f">>>>>>>>>>>>>>>> Start Evaluation: {source}")
-            evaluate_run(cfg, model_path, save_folder, entries, names, device, rank, world_size, logger)
+            evaluate_run(cfg, model_path, save_folder, entries, names, device, rank, world_size, logger,
+                         environment=environment)
     finally:
         if context is not None:
             cleanup()

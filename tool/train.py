@@ -12,7 +12,7 @@ Checkpoints in ``save_path``: ``train_epoch_N.pth`` every ``save_freq``
 epochs (and after the last one), the newest ``keep_checkpoints`` kept, and
 ``best_mIoU.pth`` when the validation mIoU improves (``evaluate: True``).
 Each is ``{epoch, state_dict ('module.'-prefixed keys, as the release),
-optimizer, scheduler, scaler, best_mIoU, cfg}``, loadable with
+optimizer, scheduler, scaler, best_mIoU, cfg, environment}``, loadable with
 ``torch.load(..., weights_only=True)``. ``resume: auto`` continues from the
 newest ``train_epoch_N.pth``; a resumed run ends with the same weights as an
 uninterrupted one.
@@ -57,6 +57,7 @@ from util.runtime.cli import (  # noqa: E402
     Uninterruptible,
     exit_with,  # noqa: E402
 )
+from util.runtime.environment import collect_environment, format_environment  # noqa: E402
 from util.runtime.log import get_logger, log_config  # noqa: E402
 from util.runtime.runs import RunStatus, checkpoint_path, stop_error, timestamp, training_log_paths  # noqa: E402
 from util.runtime.seeding import choose_run_seed, set_seed  # noqa: E402
@@ -151,6 +152,9 @@ def fit(cfg, ctx, status: RunStatus) -> Dict[str, Any]:
     if ctx.is_main:
         logger.info(f"run in {cfg.save_path}: log {log_path}, effective config {config_copy}")
         log_config(cfg, logger)
+    environment = collect_environment() if ctx.is_main else None  # once per run: the log and every checkpoint
+    for line in format_environment(environment) if environment else []:
+        logger.info(line)
     logger.info(f"{ctx.world_size} process(es), this one rank {ctx.rank} on {ctx.device}, precision {cfg.precision}")
     if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -174,7 +178,7 @@ def fit(cfg, ctx, status: RunStatus) -> Dict[str, Any]:
                 f"over {ctx.world_size} process(es): {data.batch_size} per process per step, "
                 f"{iters_per_epoch} iterations per epoch, {max_iter} in total")
     if cfg.evaluate:
-        logger.info(f"validation every {cfg.val_every} epoch(s) on {validation.validation_protocol(cfg)}")
+        logger.info(f"validation every {cfg.val_every} epoch(s) on {validation.validation_protocol(cfg, data)}")
 
     model = training.build_training_model(cfg, ctx, checkpoint is not None, logger)
     optim = training.build_optimization(cfg, ctx, model, iters_per_epoch)
@@ -214,7 +218,7 @@ def fit(cfg, ctx, status: RunStatus) -> Dict[str, Any]:
                                                            rng=resume_rng if progress else None, stop=stop)
                 except training.EpochInterrupted as interrupted:
                     path = save_mid_epoch_checkpoint(cfg, ctx, model, optim, epoch, interrupted.progress, best_miou,
-                                                     iters_per_epoch, stop)
+                                                     iters_per_epoch, stop, environment=environment)
                     where = f"epoch {epoch + 1}, iteration {interrupted.progress['iteration']}/{iters_per_epoch}"
                     raise stop_error(stop, where, path, status, logger) from None
                 improved, last_whole = False, None
@@ -227,7 +231,8 @@ def fit(cfg, ctx, status: RunStatus) -> Dict[str, Any]:
                 # a stop signal during validation: this epoch's checkpoint is written whatever save_freq says
                 stopping = stop.agree(distributed.all_gather_object(stop.signum)) and epoch + 1 < cfg.epochs
                 status.stage = "saving checkpoints after"
-                save_checkpoints(cfg, ctx, epoch + 1, model, optim, best_miou, improved, logger, force=stopping)
+                save_checkpoints(cfg, ctx, epoch + 1, model, optim, best_miou, improved, logger, force=stopping,
+                                 environment=environment)
                 if stopping:
                     raise stop_error(stop, f"the end of epoch {epoch + 1}", checkpoint_path(cfg.save_path, epoch + 1),
                                      status, logger)

@@ -27,6 +27,13 @@ class TrainingData:
     batch_size: int  # per process per step
     val_loader: Any = None
     val_entries: Optional[List[Any]] = None
+    val_list_length: int = 0  # images in val_list (validation reads val_max_images of them at most)
+
+    def val_image_count(self) -> int:
+        """How many images each validation reads (all of val_list, or the evenly spaced subset)."""
+        if self.val_entries is not None:
+            return len(self.val_entries)
+        return len(self.val_loader.dataset) if self.val_loader is not None else 0
 
 
 def build_loaders(cfg, ctx, seed: int) -> TrainingData:
@@ -72,10 +79,12 @@ def build_loaders(cfg, ctx, seed: int) -> TrainingData:
         val_set = SegDataset("val", cfg.data_root, cfg.val_list, num_classes=cfg.classes,
                              ignore_label=cfg.ignore_label)
         entries = val_set.entries
+        data.val_list_length = len(entries)
         data.val_entries = [entries[i] for i in evenly_spaced_subset(len(entries), cfg.val_max_images)]
     else:
         val_set = SegDataset("val", cfg.data_root, cfg.val_list, transform=build_val_transform(cfg),
                              num_classes=cfg.classes, ignore_label=cfg.ignore_label)
+        data.val_list_length = len(val_set)
         if cfg.val_max_images:
             val_set = torch.utils.data.Subset(val_set, evenly_spaced_subset(len(val_set), cfg.val_max_images))
         val_sampler = distributed.ShardSampler(len(val_set), num_replicas=world, rank=ctx.rank)

@@ -59,12 +59,15 @@ def find_resume_checkpoint(resume: Optional[str], save_path: PathLike) -> Option
 
 
 def make_checkpoint(epochs_done: int, model: nn.Module, optimizer, scheduler, scaler, best_miou: float,
-                    cfg) -> dict:
+                    cfg, environment: Optional[dict] = None) -> dict:
     """The saved training state: plain data and tensors only, so it loads with ``weights_only=True``.
 
     ``state_dict`` keys carry the release's ``module.`` prefix, so the release's tools read it too.
+    ``environment`` is where the run runs (util.runtime.environment.collect_environment, collected once
+    per run: plain JSON-able data).
     """
     return {
+        "environment": environment,
         "epoch": int(epochs_done),
         "state_dict": add_module_prefix(model.state_dict()),
         "optimizer": optimizer.state_dict(),
@@ -149,15 +152,16 @@ def restore_training_state(cfg, checkpoint, resume_path: str, model, optim: Opti
 
 
 def save_checkpoints(cfg, ctx, epochs_done: int, model, optim: Optimization, best_miou: float, improved: bool,
-                     logger, force: bool = False) -> None:
+                     logger, force: bool = False, environment: Optional[dict] = None) -> None:
     """``train_epoch_N.pth`` every ``save_freq`` epochs, after the last and when ``force`` (a stop signal);
-    ``best_mIoU.pth`` when improved."""
+    ``best_mIoU.pth`` when improved. ``environment``: :func:`make_checkpoint`'s."""
     if not ctx.is_main:
         return
     checkpoint = None
 
     def build():
-        made = make_checkpoint(epochs_done, model, optim.optimizer, optim.scheduler, optim.scaler, best_miou, cfg)
+        made = make_checkpoint(epochs_done, model, optim.optimizer, optim.scheduler, optim.scaler, best_miou, cfg,
+                               environment)
         made["val_protocol"] = validation_protocol(cfg) if cfg.evaluate else None
         return made
 
@@ -203,14 +207,16 @@ def mid_epoch_resume_state(checkpoint: dict, path: str, ctx, iters_per_epoch: in
 
 
 def save_mid_epoch_checkpoint(cfg, ctx, model, optim: Optimization, epoch: int, progress: Dict, best_miou: float,
-                              iters_per_epoch: int, stop) -> str:
+                              iters_per_epoch: int, stop, environment: Optional[dict] = None) -> str:
     """After a stop signal (``stop``, a util.runtime.cli.StopSignals) in the middle of ``epoch`` (0-based):
-    rank 0 writes the mid-epoch checkpoint with every rank's random state; returns its path."""
+    rank 0 writes the mid-epoch checkpoint with every rank's random state; returns its path.
+    ``environment``: :func:`make_checkpoint`'s."""
     stop.agree(distributed.all_gather_object(stop.signum))
     rng_states = distributed.all_gather_object(rng_state(ctx.device))
     path = checkpoint_path(cfg.save_path, epoch, progress["iteration"])
     if ctx.is_main:
-        checkpoint = make_checkpoint(epoch, model, optim.optimizer, optim.scheduler, optim.scaler, best_miou, cfg)
+        checkpoint = make_checkpoint(epoch, model, optim.optimizer, optim.scheduler, optim.scaler, best_miou, cfg,
+                                     environment)
         checkpoint["val_protocol"] = validation_protocol(cfg) if cfg.evaluate else None
         save_training_checkpoint(add_mid_epoch_state(checkpoint, progress, rng_states, iters_per_epoch), path)
         prune_checkpoints(cfg.save_path, cfg.keep_checkpoints)

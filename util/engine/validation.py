@@ -1,7 +1,7 @@
 """Validation during training, in one place: what is measured (:func:`validation_protocol`), when
 (:func:`should_validate`), how (:func:`validate`: whole images through tool/test.py's protocol,
 util/evaluation/whole_images.py, or the release's centre crops, :func:`evaluate_crops`), what is
-reported (log lines, TensorBoard scalars and preview images) and the whole-image score of the final
+reported (log lines, TensorBoard scalars and preview images, in both modes) and the whole-image score of the final
 and the best model at the end of training (:func:`report_final_and_best`)."""
 from __future__ import annotations
 
@@ -102,10 +102,18 @@ def evaluate_crops(model: nn.Module, loader, criterion: nn.Module, device: torch
     return result
 
 
-def validation_protocol(cfg) -> str:
-    """What the validation mIoU measures, in words (logged, and saved with the best score: scores
-    of different protocols are not compared)."""
-    images = f"{cfg.val_max_images} evenly spaced images" if cfg.val_max_images else "all images"
+def validation_protocol(cfg, data: Optional[TrainingData] = None) -> str:
+    """What the validation mIoU measures, in words.
+
+    Without ``data``, the settings alone (saved with the best score: scores of different protocols are
+    not compared); with the run's ``data`` (for the log), the number of images actually validated, which
+    ``val_max_images`` only bounds: ``all 3 images of val_list``, ``25 evenly spaced of the 101 images
+    of val_list``."""
+    if data is None:
+        images = f"{cfg.val_max_images} evenly spaced images" if cfg.val_max_images else "all images"
+    else:
+        used, listed = data.val_image_count(), data.val_list_length
+        images = f"all {listed} images" if used == listed else f"{used} evenly spaced of the {listed} images"
     if cfg.val_mode == "crop":
         return f"centre {cfg.train_h}x{cfg.train_w} crop of {images} of val_list"
     return (f"whole images ({images} of val_list), tool/test.py's sliding window: scales {list(cfg.val_scales)}, "
@@ -153,17 +161,54 @@ def validate_whole_images(cfg, ctx, model, entries, logger, title: str, writer=N
     return stats
 
 
+def add_preview(writer, image_path, image: np.ndarray, label: np.ndarray, prediction: np.ndarray,
+                palette: np.ndarray, step: int) -> None:
+    """TensorBoard image ``val_preview/NAME``: the HxWx3 RGB ``image`` (0..255), its ``label`` and the
+    ``prediction`` (HxW class ids) coloured with ``palette``, side by side."""
+    panel = np.concatenate([image.astype(np.uint8), colorize(label, palette), colorize(prediction, palette)], axis=1)
+    writer.add_image(f"val_preview/{Path(image_path).stem}", panel, step, dataformats="HWC")
+
+
 def write_previews(cfg, writer, entries, previews: Dict[int, Any], step: int) -> None:
-    """TensorBoard images ``val_preview/NAME``: the image, its ground truth and the prediction side by side."""
+    """:func:`add_preview` of the whole images ``entries[index]`` predicted as ``previews[index]``."""
     palette = config_palette(cfg)
     for index, prediction in previews.items():
         if prediction is None:  # not predicted (an evaluation stopped early, or a test's stand-in)
             continue
         entry = entries[index]
-        image = load_image(entry.image_path).astype(np.uint8)
-        truth = colorize(load_label(entry.label_path), palette)
-        panel = np.concatenate([image, truth, colorize(prediction, palette)], axis=1)
-        writer.add_image(f"val_preview/{Path(entry.image_path).stem}", panel, step, dataformats="HWC")
+        add_preview(writer, entry.image_path, load_image(entry.image_path), load_label(entry.label_path),
+                    prediction, palette, step)
+
+
+def write_crop_previews(cfg, writer, model: nn.Module, val_set, device: torch.device, step: int,
+                        amp_dtype: Optional[torch.dtype] = None) -> None:
+    """:func:`add_preview` of ``PREVIEW_IMAGES`` evenly spaced samples of the crop-mode validation set
+    (``val_set``, a SegDataset or a Subset of one): their centre crops, as validated, predicted by
+    ``model`` (the plain module; rank 0 alone, no collective call)."""
+    from util.data.transforms import MEAN, STD
+
+    was_training = model.training
+    model.eval()
+    palette = config_palette(cfg)
+    for index in evenly_spaced_subset(len(val_set), PREVIEW_IMAGES):
+        image, label = val_set[index]
+        with torch.inference_mode(), autocast(device.type, amp_dtype):
+            logits = model(image.unsqueeze(0).to(device))
+        logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+        logits = torch.nn.functional.interpolate(logits.float(), size=tuple(label.shape[-2:]), mode="bilinear",
+                                                 align_corners=True)
+        prediction = logits.argmax(1)[0].to("cpu", torch.uint8).numpy()
+        pixels = image.permute(1, 2, 0).cpu().numpy() * np.array(STD) + np.array(MEAN)  # undo Normalize
+        add_preview(writer, _entry(val_set, index).image_path, np.clip(pixels, 0, 255), label.numpy(),
+                    prediction, palette, step)
+    model.train(was_training)
+
+
+def _entry(val_set, index: int):
+    """The list entry of sample ``index`` of a SegDataset or of a Subset of one."""
+    if isinstance(val_set, torch.utils.data.Subset):
+        return val_set.dataset.entries[val_set.indices[index]]
+    return val_set.entries[index]
 
 
 def validate(cfg, ctx, model, data: TrainingData, optim: Optimization, epochs_done: int, logger, writer):
@@ -176,8 +221,11 @@ def validate(cfg, ctx, model, data: TrainingData, optim: Optimization, epochs_do
     else:
         stats = evaluate_crops(model, data.val_loader, optim.criterion, ctx.device, cfg.classes, cfg.ignore_label,
                                 amp_dtype=optim.amp_dtype, channels_last=cfg.channels_last, logger=logger)
+        if writer is not None:
+            write_crop_previews(cfg, writer, model, data.val_loader.dataset, ctx.device, epochs_done,
+                                amp_dtype=optim.amp_dtype)
     loss_text = f"loss {stats['loss']:.4f} " if "loss" in stats else ""
-    logger.info(f"Val result at epoch [{epochs_done}/{cfg.epochs}] ({validation_protocol(cfg)}): {loss_text}"
+    logger.info(f"Val result at epoch [{epochs_done}/{cfg.epochs}] ({validation_protocol(cfg, data)}): {loss_text}"
                 f"mIoU/mAcc/allAcc {stats['mIoU']:.4f}/{stats['mAcc']:.4f}/{stats['allAcc']:.4f}")
     if writer is not None:
         for name in ("loss", "mIoU", "mAcc", "allAcc"):
@@ -195,7 +243,7 @@ def report_final_and_best(cfg, ctx, model, data: TrainingData, last_whole: Optio
         entries = dataset.SegDataset("val", cfg.data_root, cfg.val_list).entries
         data.val_entries = [entries[i] for i in evenly_spaced_subset(len(entries), cfg.val_max_images)]
     whole_cfg = type(cfg)(cfg, val_mode="whole")
-    protocol = validation_protocol(whole_cfg)
+    protocol = validation_protocol(whole_cfg, data)
     results: Dict[str, Any] = {}
     distributed.broadcast_buffers(model)
     results["final"] = last_whole or validate_whole_images(cfg, ctx, model, data.val_entries, logger,

@@ -12,6 +12,7 @@ import torch
 
 from util.data.dataset import ListEntry, load_label
 from util.errors import CheckpointError, ConfigError, DataError
+from util.evaluation.deploy import is_exported_model
 from util.evaluation.inference import inference_kwargs, load_inference_model
 from util.evaluation.metrics import nan_to_none
 from util.evaluation.visualize import colorize, config_class_names, config_palette, save_gray, save_rgb
@@ -53,10 +54,19 @@ PREDICTION_RECORD = "predictions.json"  # how the gray maps of a save folder wer
 PREDICTION_KEYS = ("model_path", "scales", "base_size", "crop_size", "flip", "precision")
 
 
+def precision_that_runs(cfg, model_path: Optional[str]) -> str:
+    """The precision the predictions of ``model_path`` are computed in: the config's ``precision`` for a
+    checkpoint; ``fp32`` for an exported file, which always computes in float32 (autocast does not reach
+    into it: util/evaluation/deploy.py)."""
+    return "fp32" if model_path and is_exported_model(model_path) else cfg.get("precision", "fp32")
+
+
 def prediction_record(cfg, model_path: Optional[str], kwargs: dict) -> dict:
-    """The settings that make this run's predictions (kept in the save folder and in metrics.json)."""
+    """The settings that make this run's predictions (kept in the save folder and in metrics.json); each
+    states what ran (``precision``: :func:`precision_that_runs`)."""
     return dict(model_path=str(model_path), scales=kwargs["scales"], base_size=cfg.base_size,
-                crop_size=list(kwargs["crop_size"]), flip=bool(kwargs["flip"]), precision=cfg.get("precision", "fp32"))
+                crop_size=list(kwargs["crop_size"]), flip=bool(kwargs["flip"]),
+                precision=precision_that_runs(cfg, model_path))
 
 
 def read_prediction_record(save_folder: str, logger) -> dict:
@@ -72,6 +82,25 @@ def read_prediction_record(save_folder: str, logger) -> dict:
         return {key: None for key in PREDICTION_KEYS}
 
 
+def replaced_results_message(save_folder: str, model_path: Optional[str]) -> Optional[str]:
+    """A warning when ``save_folder`` holds the results of another model than ``model_path`` (its
+    predictions.json names another file): this run replaces them. None for an empty folder or the same model."""
+    path = Path(save_folder) / PREDICTION_RECORD
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8")).get("model_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not earlier or earlier == str(model_path):
+        return None
+    try:
+        if os.path.samefile(earlier, str(model_path)):
+            return None
+    except OSError:  # the earlier model is gone (or was relative to another directory): names differ
+        pass
+    return (f"{save_folder} holds the results of {earlier}: this run replaces them with those of {model_path} "
+            f"(give save_folder to keep both)")
+
+
 def write_json(path: Path, data: dict) -> None:
     """Write ``data`` atomically (a crash never leaves half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,12 +110,14 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def evaluate_run(cfg, model_path: Optional[str], save_folder: str, entries: Sequence[ListEntry],
-                 names: Sequence[str], device: torch.device, rank: int, world_size: int, logger) -> Optional[dict]:
+                 names: Sequence[str], device: torch.device, rank: int, world_size: int, logger,
+                 environment: Optional[dict] = None) -> Optional[dict]:
     """Predict (or read saved predictions) for this process's share of ``entries`` and score them
     with :func:`util.evaluation.whole_images.evaluate_images` (the loop the training-time validation runs too).
 
-    ``names[i]`` is the output file name of ``entries[i]``. Returns the metrics dict (None for an
-    unlabelled split).
+    ``names[i]`` is the output file name of ``entries[i]``; ``environment`` (where the scoring ran:
+    util.runtime.environment.collect_environment) goes into metrics.json. Returns the metrics dict (None
+    for an unlabelled split).
     """
     labelled = cfg.split != "test"
     gray_folder = Path(save_folder) / "gray"
@@ -107,6 +138,12 @@ def evaluate_run(cfg, model_path: Optional[str], save_folder: str, entries: Sequ
         save_prediction = None
     else:
         made_by = prediction_record(cfg, model_path, kwargs)
+        replaced = replaced_results_message(save_folder, model_path) if rank == 0 else None
+        if replaced:
+            logger.warning(replaced)
+        if made_by["precision"] != cfg.get("precision", "fp32"):
+            logger.info(f"=> precision {cfg.precision} applies to checkpoints: {model_path} is an exported file and "
+                        f"computes in float32 (recorded as fp32)")
         # Always a fresh model: load_inference_model folds BatchNorm into the convolutions, so a
         # previous run's model no longer has the checkpoint's layout to load new weights into.
         model = load_inference_model(cfg, model_path, device)
@@ -144,6 +181,7 @@ def evaluate_run(cfg, model_path: Optional[str], save_folder: str, entries: Sequ
             has_prediction=bool(cfg.has_prediction),
             **made_by,
             confusion_matrix=metrics["confusion_matrix"].cpu().tolist(),
+            environment=environment,
         )
         metrics_path = Path(save_folder) / "metrics.json"
         write_json(metrics_path, nan_to_none(record))

@@ -5,8 +5,10 @@ sliding-window settings (util/evaluation/inference.py). tool/demo.py is its comm
 * a folder: the same three files for every image in it and in its sub-folders (sorted by path), each
   in the output folder's mirror of its sub-folder (``photos/street/a.jpg`` -> ``OUT/street/a_gray.png``);
   hidden folders and the output folder itself (when it lies inside the input) are not read;
-* a video: ``NAME_overlay.mp4``, every frame blended with its colour map, at the video's frame rate; a
-  video that ends before the frame count its container reports (a truncated file) is a warning.
+* a video ``NAME.EXT``: ``NAME_EXT_overlay.mp4`` (``clip.avi`` -> ``clip_avi_overlay.mp4``: videos of one
+  name and another container do not overwrite each other's overlay), every frame blended with its colour
+  map, at the video's frame rate; a video that ends before the frame count its container reports (a
+  truncated file) is a warning.
 
 Long inputs log ``[done/total]`` progress lines with the time per item and an ETA.
 """
@@ -90,15 +92,22 @@ def segment_folder(predict, images: List[Path], output: Path, palette: np.ndarra
     return results
 
 
+def video_overlay_name(video_path: str) -> str:
+    """``clip.mp4`` -> ``clip_mp4_overlay.mp4``: the input's suffix stays in the name, as the output is always mp4."""
+    path = Path(video_path)
+    return f"{path.stem}_{path.suffix.lstrip('.').lower()}_overlay.mp4" if path.suffix else f"{path.name}_overlay.mp4"
+
+
 def segment_video(predict, video_path: str, output: Path, palette: np.ndarray, alpha: float, logger) -> Path:
-    """Write ``output/NAME_overlay.mp4``: every frame blended with its colour map (same size and frame rate)."""
+    """Write ``output/NAME_EXT_overlay.mp4`` (:func:`video_overlay_name`): every frame blended with its colour
+    map (same size and frame rate)."""
     capture = cv2.VideoCapture(str(video_path))
     if not capture.isOpened():
         raise DataError(f"cannot open video {video_path} (OpenCV could not decode it)")
     fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
     total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None  # some containers do not say
     output.mkdir(parents=True, exist_ok=True)
-    path = output / f"{Path(video_path).stem}_overlay.mp4"
+    path = output / video_overlay_name(video_path)
     temporary = path.with_name(f".{path.name}.tmp.mp4")  # renamed when complete: no half video on a crash
     writer = None
     progress = ProgressLine("Video", total, logger, unit="frame")

@@ -98,7 +98,7 @@ def collect_environment(repo_root: Optional[Path] = None) -> Dict[str, Any]:
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a str subclass, which weights_only loading refuses
         "torchvision": _version("torchvision"),
         "numpy": _version("numpy"),
         "opencv": _version("cv2"),

@@ -9,8 +9,8 @@ A run is the directory ``save_path`` that tool/train.py fills:
   used it);
 * results of tool/test.py go to ``RUN/result/NAME/SPLIT/ss`` (``ms`` for several scales), where RUN
   is :func:`run_directory` of the checkpoint's folder and NAME the checkpoint's name
-  (``train_epoch_4.pth`` -> ``epoch_4``, ``best_mIoU.pth`` -> ``best_mIoU``), as in the release's
-  ``exp/DATASET/EXP/{model,result}`` layout.
+  (``train_epoch_4.pth`` -> ``epoch_4``, ``best_mIoU.pth`` -> ``best_mIoU``; an exported file keeps its
+  suffix: ``x.onnx`` -> ``x_onnx``), as in the release's ``exp/DATASET/EXP/{model,result}`` layout.
 
 Relative paths (:func:`rebase_repository_paths`): a path typed on the command line means what it
 means in the shell it was typed in (relative to the current directory); a relative path inside one of
@@ -76,6 +76,15 @@ def rebase_repository_paths(cfg, config_path: Optional[str], overridden: Iterabl
         cfg[key] = os.path.normpath(os.path.join(REPO_ROOT, os.path.expanduser(value)))
 
 
+def repository_twin(path: str) -> Optional[str]:
+    """For a relative ``path`` missing in the current directory (not the repository root) but present
+    under the repository root: that file's path, for an error message (never used in its place)."""
+    if not path or os.path.isabs(path) or os.path.exists(path) or Path.cwd().resolve() == REPO_ROOT:
+        return None
+    twin = REPO_ROOT / os.path.expanduser(path)
+    return str(twin) if twin.exists() else None
+
+
 def expand_user_paths(cfg) -> None:
     """``~/runs`` -> ``/home/me/runs`` for every path key (a quoted ``~`` reaches us unexpanded)."""
     for key in PATH_KEYS:
@@ -96,9 +105,14 @@ def run_directory(checkpoint_dir: str) -> str:
 
 
 def result_name(model_path: str) -> str:
-    """``train_epoch_4.pth`` -> ``epoch_4``; ``best_mIoU.pth`` -> ``best_mIoU``; ``x.pth`` -> ``x``."""
-    stem = Path(model_path).stem
-    return stem[len("train_"):] if stem.startswith("train_epoch_") else stem
+    """The results' name of a model file: a checkpoint's name without ``.pth`` (``train_epoch_4.pth`` ->
+    ``epoch_4``, ``best_mIoU.pth`` -> ``best_mIoU``, ``x.pth`` -> ``x``); any other file keeps its suffix,
+    so that the exports of one checkpoint do not share a folder (``x.onnx`` -> ``x_onnx``,
+    ``x.torchscript`` -> ``x_torchscript``)."""
+    path = Path(model_path)
+    if path.suffix != ".pth":
+        return path.name.replace(".", "_")
+    return path.stem[len("train_"):] if path.stem.startswith("train_epoch_") else path.stem
 
 
 def results_folder(model_path: str, split: str, scales: Sequence[float]) -> str:
@@ -179,6 +193,11 @@ def checkpoint_path_problem(key: str, path: str) -> Optional[str]:
                     f"give one of them, e.g. {key} {os.path.join(path, found[-1])}")
         return (f"{key} {path} is a directory, not a checkpoint file "
                 f"(it holds no train_epoch_N.pth or {BEST_CHECKPOINT})")
+    twin = repository_twin(path)
+    if twin:  # the one rule, said where it bites: the file is there, relative to the repository instead
+        return (f"{key} file not found: {path} (relative to the current directory {os.getcwd()}, as every path "
+                f"typed on the command line; the repository holds {twin}: give that path, or run from the "
+                f"repository root)")
     if key == "resume":
         return (f"resume checkpoint not found: {path} (use 'resume auto' to continue from the newest "
                 f"train_epoch_N.pth in save_path if there is one)")
