@@ -29,6 +29,8 @@ from util.runtime.runs import (
     MID_EPOCH_CHECKPOINT_PATTERN,
     checkpoint_path,
     list_epoch_checkpoints,
+    list_event_files,
+    list_run_checkpoints,
     list_training_checkpoints,
 )
 from util.runtime.seeding import rng_state
@@ -173,11 +175,30 @@ def save_checkpoints(cfg, ctx, epochs_done: int, model, optim: Optimization, bes
         logger.info(f"new best validation mIoU {best_miou:.4f}: saved {path}")
 
 
+def remove_previous_run(save_path: PathLike, logger) -> List[str]:
+    """For ``overwrite_run True``: delete the checkpoints (training ones and ``best_mIoU.pth``) and TensorBoard
+    events of the run that used ``save_path`` before, so that nothing of it mixes with the new run; its logs
+    and config copies (``train-STAMP.*``, one per start) stay. Says in the log what went; returns the paths."""
+    removed = list_run_checkpoints(save_path) + list_event_files(save_path)
+    for path in removed:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+    if removed:
+        logger.info(f"overwrite_run True: removed the previous run's {', '.join(map(os.path.basename, removed))} "
+                    f"from {os.fspath(save_path)}")
+    return removed
+
+
 def load_resume_checkpoint(cfg, ctx, logger):
-    """``(checkpoint, path)`` to resume from (``(None, None)`` for a fresh run); stale partial writes removed."""
+    """``(checkpoint, path)`` to resume from (``(None, None)`` for a fresh run); stale partial writes removed,
+    and for a fresh run with ``overwrite_run`` the previous run's files (:func:`remove_previous_run`)."""
     if ctx.is_main:
         for stale in remove_stale_temporaries(cfg.save_path):
             logger.info(f"removed {stale}: the partial write of a checkpoint by an interrupted run")
+        if cfg.overwrite_run and not cfg.resume:
+            remove_previous_run(cfg.save_path, logger)
     resume_path = distributed.broadcast_object(resume_checkpoint_path(cfg, logger) if ctx.is_main else None)
     if resume_path is None:
         return None, None
