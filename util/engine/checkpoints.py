@@ -8,12 +8,13 @@ atomically) is util/runtime/checkpoint_io.py.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from typing import Any, Dict, List, Optional, Tuple
 
 from torch import nn
 
 from util.engine.training import Optimization
-from util.engine.validation import validation_protocol
+from util.engine.validation import should_validate, validation_protocol
 from util.errors import CheckpointError
 from util.runtime import distributed
 from util.runtime.checkpoint_io import (
@@ -151,9 +152,10 @@ def restore_training_state(cfg, checkpoint, resume_path: str, model, optim: Opti
 
 
 def save_checkpoints(cfg, ctx, epochs_done: int, model, optim: Optimization, best_miou: float, improved: bool,
-                     logger, force: bool = False) -> None:
+                     logger, force: bool = False, validation_pending: bool = False) -> None:
     """``train_epoch_N.pth`` every ``save_freq`` epochs, after the last and when ``force`` (a stop signal);
-    ``best_mIoU.pth`` when improved."""
+    ``best_mIoU.pth`` when improved. ``validation_pending`` marks the checkpoint as saved before the epoch's
+    validation finished (:func:`epoch_kept_on_interrupt`)."""
     if not ctx.is_main:
         return
     checkpoint = None
@@ -161,6 +163,8 @@ def save_checkpoints(cfg, ctx, epochs_done: int, model, optim: Optimization, bes
     def build():
         made = make_checkpoint(epochs_done, model, optim.optimizer, optim.scheduler, optim.scaler, best_miou, cfg)
         made["val_protocol"] = validation_protocol(cfg) if cfg.evaluate else None
+        if validation_pending:
+            made["validation_pending"] = True
         return made
 
     if epochs_done % cfg.save_freq == 0 or epochs_done == cfg.epochs or force:
@@ -189,6 +193,34 @@ def remove_previous_run(save_path: PathLike, logger) -> List[str]:
         logger.info(f"overwrite_run True: removed the previous run's {', '.join(map(os.path.basename, removed))} "
                     f"from {os.fspath(save_path)}")
     return removed
+
+
+@contextmanager
+def epoch_kept_on_interrupt(cfg, ctx, epochs_done: int, model, optim: Optimization, best_miou: float, logger):
+    """Around the validation after ``epochs_done`` epochs: a Ctrl-C (KeyboardInterrupt) there first writes
+    ``train_epoch_N.pth`` (whatever ``save_freq`` says), so an epoch whose training finished is never lost.
+
+    That checkpoint holds the best mIoU from before the interrupted validation and ``validation_pending``;
+    ``resume auto`` then validates epoch N before it trains epoch N + 1 (:func:`validation_pending`), so its
+    score, ``best_mIoU.pth`` and the validation curve miss nothing. (SIGTERM / SIGUSR1 let the validation
+    finish and save after it, as before.)"""
+    try:
+        yield
+    except KeyboardInterrupt:
+        logger.info(f"interrupted while validating after epoch {epochs_done}: saving that epoch first")
+        save_checkpoints(cfg, ctx, epochs_done, model, optim, best_miou, False, logger, force=True,
+                         validation_pending=True)
+        raise
+
+
+def validation_pending(cfg, checkpoint: dict, resume_path: str, logger) -> bool:
+    """True when ``checkpoint`` was saved by :func:`epoch_kept_on_interrupt` and this run validates after its
+    epoch: the resumed run validates that epoch before training the next."""
+    pending = bool(checkpoint.get("validation_pending")) and should_validate(cfg, int(checkpoint["epoch"]))
+    if pending:
+        logger.info(f"{resume_path} was saved before its validation finished: validating epoch "
+                    f"{checkpoint['epoch']} first")
+    return pending
 
 
 def load_resume_checkpoint(cfg, ctx, logger):
