@@ -41,6 +41,7 @@ from util.config import dump_cfg, load_cfg  # noqa: E402
 from util.data.loaders import build_loaders  # noqa: E402
 from util.engine import training, validation  # noqa: E402
 from util.engine.checkpoints import (  # noqa: E402
+    adopt_checkpoint_recipe,
     epoch_kept_on_interrupt,
     load_resume_checkpoint,
     mid_epoch_resume_state,
@@ -162,10 +163,10 @@ def fit(cfg, ctx, status: RunStatus) -> Dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    # The checkpoint is read first: a run without manual_seed continues with the seed it started with.
+    # The checkpoint is read first: a resumed run continues with its recipe and seed (unless overridden).
     checkpoint, resume_path = load_resume_checkpoint(cfg, ctx, logger)
-    if checkpoint is not None and cfg.manual_seed is None:
-        cfg.manual_seed = (checkpoint.get("cfg") or {}).get("manual_seed")
+    if checkpoint is not None:
+        adopt_checkpoint_recipe(cfg, checkpoint, resume_path, logger)
     seed = cfg.manual_seed = choose_run_seed(cfg, logger)  # saved with the checkpoints
     if ctx.is_main:
         dump_cfg(cfg, config_copy)  # as the run uses it: overrides applied, seed filled in

@@ -1,6 +1,7 @@
 """Training checkpoints, in one place: what they hold, when they are written (every ``save_freq``
 epochs, the best, mid-epoch on a stop signal), pruning (``keep_checkpoints``) and resuming from them
-(``resume``: the file, its check, the state it restores, and the position inside an epoch).
+(``resume``: the file, its check, the recipe (:data:`RECIPE_KEYS`) and state it restores, and the position
+inside an epoch).
 
 Their file names are util/runtime/runs.py's; reading and writing the files themselves (safely,
 atomically) is util/runtime/checkpoint_io.py.
@@ -13,6 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from torch import nn
 
+from util.config import validate_cfg
 from util.engine.training import Optimization
 from util.engine.validation import should_validate, validation_protocol
 from util.errors import CheckpointError
@@ -35,6 +37,43 @@ from util.runtime.runs import (
     list_training_checkpoints,
 )
 from util.runtime.seeding import rng_state
+
+# The keys that decide a run's training recipe. A resumed run takes them from the checkpoint's saved config
+# (the run it continues), unless given on the command line: the config file alone does not change a recipe
+# half-way (:func:`adopt_checkpoint_recipe`). ``epochs`` is the run's length, not its recipe: resuming with
+# other epochs extends or shortens the run (the schedule is re-positioned to the new length; the log says so).
+RECIPE_KEYS = (
+    "lr_schedule", "warmup_iters", "power",  # schedule
+    "base_lr", "momentum", "weight_decay",  # learning rate and optimiser
+    "loss", "aux_weight", "ohem_thresh", "ohem_min_kept", "class_weight",  # loss
+    "train_h", "train_w", "scale_min", "scale_max", "rotate_min", "rotate_max", "photometric",  # augmentation
+    "precision",
+    "batch_size", "manual_seed",  # batch layout and data order
+)
+
+
+def adopt_checkpoint_recipe(cfg, checkpoint: dict, resume_path: str, logger) -> None:
+    """Before a resumed run builds anything: :data:`RECIPE_KEYS` not given on the command line
+    (``cfg.overridden``) take the checkpoint's saved value, and every key whose value differs from the
+    checkpoint's is logged, one line each (``resume`` itself aside). A checkpoint without a saved config
+    (an older or foreign one) keeps this run's config, and the log says so. Raises ConfigError when the
+    recipe taken over fails this run's checks (e.g. a loss of a ``custom_imports`` module not imported now)."""
+    saved = checkpoint.get("cfg")
+    if not saved:
+        logger.info(f"{resume_path} holds no saved config (an older or foreign checkpoint): the training recipe "
+                    f"is this run's config as it is")
+        return
+    for key in sorted(set(cfg) & set(saved) - {"resume"}):
+        if cfg[key] == saved[key]:
+            continue
+        if key in RECIPE_KEYS and key not in cfg.overridden:
+            logger.info(f"resume: {key} {saved[key]!r} as in the checkpoint's run (this config says {cfg[key]!r}; "
+                        f"give {key} on the command line to change it)")
+            cfg[key] = saved[key]
+        else:
+            source = "from the command line" if key in cfg.overridden else "from this config"
+            logger.info(f"resume: {key} {cfg[key]!r} {source} (the checkpoint's run used {saved[key]!r})")
+    validate_cfg(cfg)
 
 
 def prune_checkpoints(save_path: PathLike, keep: int) -> None:
