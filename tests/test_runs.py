@@ -15,6 +15,7 @@ import pytest
 from util.config import load_cfg
 from util.engine import training
 from util.errors import CheckpointError, ConfigError
+from util.evaluation import whole_images
 from util.runtime.checkpoint_io import load_checkpoint_file
 from util.runtime.runs import (
     RELEASED_WEIGHTS_HINT,
@@ -142,6 +143,36 @@ def test_a_rejected_config_writes_nothing(tmp_path, train_tool):
         with pytest.raises(ConfigError, match=expected):
             train_tool.main(["--config", str(config), *overrides])
         assert not (tmp_path / "model").exists()
+
+
+def test_a_fresh_run_into_another_runs_folder_is_refused_unless_overwrite_run(tmp_path, monkeypatch, train_tool):
+    """Issue 24 item 1: a new run (no resume) into a save_path holding another run's checkpoints is refused before
+    anything is written, with the ways on; overwrite_run True removes the old run's checkpoints and events."""
+    monkeypatch.setattr(training, "train_iterations", fake_epoch)
+    config = write_tiny_config(tmp_path, epochs=3, keep_checkpoints=3, evaluate=True)
+    monkeypatch.setattr(whole_images, "evaluate_images", lambda *args, **kwargs: dict(
+        mIoU=0.5, mAcc=0.5, allAcc=0.5, iou=[0.5] * 3, acc=[0.5] * 3, num_images=4))
+    train_tool.main(["--config", str(config)])
+    model_dir = tmp_path / "model"
+    before = {path.name: path.stat().st_mtime_ns for path in model_dir.iterdir()}
+    assert {"train_epoch_3.pth", "best_mIoU.pth"} <= set(before)
+
+    with pytest.raises(ConfigError) as refused:
+        train_tool.main(["--config", str(config), "epochs", "2", "base_lr", "0.02"])
+    message = str(refused.value)
+    assert "\n" not in message and str(model_dir) in message and "train_epoch_3.pth" in message
+    assert "'resume auto'" in message and "another save_path" in message and "overwrite_run True" in message
+    assert {path.name: path.stat().st_mtime_ns for path in model_dir.iterdir()} == before  # nothing written
+    with pytest.raises(ConfigError, match="give only one of them"):
+        train_tool.main(["--config", str(config), "resume", "auto", "overwrite_run", "True"])
+
+    train_tool.main(["--config", str(config), "epochs", "2", "overwrite_run", "True", "evaluate", "False"])
+    left = {path.name for path in model_dir.iterdir() if not path.name.startswith("train-")}
+    events = {name for name in left if name.startswith("events.out.tfevents.")}  # the old run's: in the log below
+    assert left - events == {"train_epoch_1.pth", "train_epoch_2.pth"}  # no train_epoch_3.pth, no best_mIoU.pth
+    newest_log = max(model_dir.glob("train-*.log"), key=lambda path: path.stat().st_mtime_ns).read_text()
+    assert re.search(r"overwrite_run True: removed the previous run's train_epoch_1\.pth, train_epoch_2\.pth, "
+                     r"train_epoch_3\.pth, best_mIoU\.pth, events\.out\.tfevents\.\S+ from ", newest_log)
 
 
 def test_directories_given_as_checkpoints_say_so(tmp_path, train_tool, test_tool):

@@ -285,6 +285,56 @@ def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch, train_tool, uni
     assert [g["lr"] for g in b["optimizer"]["param_groups"]] == [0.0, 0.0]
 
 
+def test_resume_continues_the_checkpoints_recipe_unless_overridden(tmp_path, monkeypatch, capsys, train_tool):
+    """Issue 24 item 14: a run of lr_schedule cosine warmup_iters 3 resumed with no overrides continues with
+    cosine (the same learning rate as the uninterrupted run), each differing key logged on its own line."""
+    recipe = ["lr_schedule", "cosine", "warmup_iters", "3"]
+    reference = write_config(tmp_path / "reference", epochs=3)
+    train_tool.main(["--config", str(reference), *recipe])
+    expected = load(tmp_path / "reference" / "model" / "train_epoch_2.pth")["optimizer"]["param_groups"]
+
+    config = write_config(tmp_path, epochs=3, resume="auto")
+    with monkeypatch.context() as patch:
+        crash_on_epoch_call(patch, crash_call=2)  # dies at the start of epoch 2
+        with pytest.raises(SimulatedCrash):
+            train_tool.main(["--config", str(config), *recipe])
+    capsys.readouterr()
+    train_tool.main(["--config", str(config), "keep_checkpoints", "3"])  # resume auto, the recipe not repeated
+    log = capsys.readouterr().out
+    resumed = load(tmp_path / "model" / "train_epoch_2.pth")
+    assert [g["lr"] for g in resumed["optimizer"]["param_groups"]] == [g["lr"] for g in expected]
+    assert resumed["cfg"]["lr_schedule"] == "cosine" and resumed["cfg"]["warmup_iters"] == 3
+    lines = [line.split("] ", 1)[1] for line in log.splitlines() if "] resume: " in line]
+    assert lines == ["resume: keep_checkpoints 3 from the command line (the checkpoint's run used 2)",
+                     "resume: lr_schedule 'cosine' as in the checkpoint's run (this config says 'poly'; "
+                     "give lr_schedule on the command line to change it)",
+                     "resume: warmup_iters 3 as in the checkpoint's run (this config says 0; "
+                     "give warmup_iters on the command line to change it)"]
+
+
+def test_recipe_overrides_win_and_a_checkpoint_without_config_keeps_this_one(caplog):
+    import logging
+
+    from util.engine.checkpoints import adopt_checkpoint_recipe
+
+    logger = logging.getLogger("test_recipe")
+    saved = make_cfg(base_lr=0.02, lr_schedule="cosine", val_every=3).to_dict()
+    cfg = make_cfg(base_lr=0.05)  # an override
+    with caplog.at_level(logging.INFO, logger="test_recipe"):
+        adopt_checkpoint_recipe(cfg, {"cfg": saved}, "x.pth", logger)
+    assert cfg.base_lr == 0.05 and cfg.lr_schedule == "cosine" and cfg.val_every == 1
+    assert "resume: base_lr 0.05 from the command line (the checkpoint's run used 0.02)" in caplog.messages
+    assert "resume: val_every 1 from this config (the checkpoint's run used 3)" in caplog.messages
+    caplog.clear()
+    cfg = make_cfg(validate=False)
+    before = dict(cfg)
+    with caplog.at_level(logging.INFO, logger="test_recipe"):
+        adopt_checkpoint_recipe(cfg, {"epoch": 1}, "old.pth", logger)
+    assert dict(cfg) == before and caplog.messages == [
+        "old.pth holds no saved config (an older or foreign checkpoint): the training recipe is this run's "
+        "config as it is"]
+
+
 def test_nan_loss_stops_run_and_keeps_last_checkpoint(tmp_path, monkeypatch, train_tool):
     config = write_config(tmp_path)
     calls = []

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from util.data import dataset
-from util.engine import training
+from util.engine import training, validation
 from util.evaluation import whole_images
 
 from conftest import REPO_ROOT
@@ -145,6 +145,46 @@ def test_crop_mode_and_a_subset(tmp_path, monkeypatch, train_tool):
     assert "loss" in summary["val"] and 0.0 <= summary["val"]["mIoU"] <= 1.0
     assert summary["end"]["final"]["num_images"] == 2  # whole images, the same fixed subset
     assert summary["end"]["best"]["mIoU"] == summary["end"]["final"]["mIoU"]
+
+
+def test_ctrl_c_during_validation_keeps_the_epoch_and_resume_validates_it(tmp_path, monkeypatch, capsys,
+                                                                           train_tool):
+    """Issue 24 item 2: a Ctrl-C while epoch 1 is validated (save_freq 2: epoch 1 is not due) leaves
+    train_epoch_1.pth; resume auto validates epoch 1 without training it again, then trains epoch 2."""
+    config = write_tiny_config(tmp_path, evaluate=True, epochs=2, save_freq=2, resume="auto")
+    trained, titles = [], []
+
+    def fake_train(*args, **kwargs):
+        trained.append(1)
+        return {"loss": 1.0, "main_loss": 1.0, "aux_loss": 0.0, "mIoU": 0.1, "mAcc": 0.1, "allAcc": 0.1}
+
+    def fake_evaluate(*args, title, **kwargs):
+        titles.append(title)
+        value = 0.5 if title == "Val epoch [1/2]" else 0.3
+        return {"mIoU": value, "mAcc": value, "allAcc": value, "num_images": 4}
+
+    def interrupted_validation(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train_iterations", fake_train)
+    monkeypatch.setattr(whole_images, "evaluate_images", fake_evaluate)
+    with monkeypatch.context() as patch:
+        patch.setattr(validation, "validate", interrupted_validation)
+        assert train_tool.main(["--config", str(config)]) == 130
+    model_dir = tmp_path / "model"
+    assert f"newest checkpoint {model_dir / 'train_epoch_1.pth'}" in capsys.readouterr().err
+    saved = torch.load(model_dir / "train_epoch_1.pth", weights_only=True)
+    assert saved["epoch"] == 1 and saved["validation_pending"] and trained == [1]
+
+    summary = train_tool.main(["--config", str(config)])  # resume auto
+    output = capsys.readouterr().out
+    assert "1 epoch(s) done" in output and "was saved before its validation finished: validating epoch 1" in output
+    assert trained == [1, 1] and titles[:2] == ["Val epoch [1/2]", "Val epoch [2/2]"]  # epoch 2 trained once
+    assert summary["best_mIoU"] == 0.5
+    assert torch.load(model_dir / "best_mIoU.pth", weights_only=True)["epoch"] == 1
+    resaved = torch.load(model_dir / "train_epoch_1.pth", weights_only=True)
+    assert "validation_pending" not in resaved and resaved["best_mIoU"] == 0.5
+    assert torch.load(model_dir / "train_epoch_2.pth", weights_only=True)["best_mIoU"] == 0.5
 
 
 @pytest.mark.slow

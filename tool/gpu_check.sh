@@ -63,7 +63,7 @@ EOF
 train_and_check() {  # LOG KEY VALUE...: train the demo config, then check its losses
   local log=$1
   shift
-  "${PYTHON}" tool/train.py --config "${config}" "$@" >"${log}" 2>&1 && loss_falls "${log}" >>"${log}" 2>&1
+  "${PYTHON}" tool/train.py --config "${config}" overwrite_run True "$@" >"${log}" 2>&1 && loss_falls "${log}" >>"${log}" 2>&1
 }
 
 demo_data() {
@@ -88,7 +88,7 @@ done
 
 torchrun_and_resume() {  # one epoch on 2 processes, then 'resume auto' for a second one
   local torchrun=("${PYTHON}" -m torch.distributed.run --standalone --nproc_per_node=2 tool/train.py --config "${config}")
-  "${torchrun[@]}" epochs 1 sync_bn True save_path "${work}/ddp/model" &&
+  "${torchrun[@]}" epochs 1 sync_bn True save_path "${work}/ddp/model" overwrite_run True &&
     "${torchrun[@]}" epochs 2 sync_bn True resume auto save_path "${work}/ddp/model" | tee "${work}/ddp_resume.out" &&
     grep -q "resumed from" "${work}/ddp_resume.out" && test -f "${work}/ddp/model/train_epoch_2.pth"
 }
@@ -111,7 +111,7 @@ name="spawn mode over train_gpu [0, 1]"
 if needs_gpus "${name}" 2; then
   port=$("${PYTHON}" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
   check "${name}" "${PYTHON}" tool/train.py --config "${config}" epochs 1 train_gpu "[0, 1]" \
-    dist_url "tcp://127.0.0.1:${port}" save_path "${work}/spawn/model"
+    dist_url "tcp://127.0.0.1:${port}" save_path "${work}/spawn/model" overwrite_run True
 fi
 
 name="test.py 1 and 2 processes, same confusion"

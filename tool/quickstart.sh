@@ -12,7 +12,9 @@
 #   1. python -m pip install -r requirements.txt
 #   2. python tool/dataset_converters/make_demo_data.py data/demo    (skipped when data/demo exists)
 #   3. python tool/dataset_converters/prepare_ade20k.py data/demo/ADEChallengeData2016
-#   4. ./tool/train.sh demo pyconvresnet50_pyconvsegnet        -> exp/demo/pyconvresnet50_pyconvsegnet/model
+#   4. ./tool/train.sh demo pyconvresnet50_pyconvsegnet overwrite_run True
+#                                                              -> exp/demo/pyconvresnet50_pyconvsegnet/model
+#      (overwrite_run True: a second quickstart replaces the first one's run instead of stopping at it)
 #   5. ./tool/test.sh demo pyconvresnet50_pyconvsegnet         -> .../result/epoch_4/val/ss/{color,gray,metrics.json}
 set -euo pipefail
 
@@ -49,7 +51,7 @@ step "preparing it as ADE20K is prepared (0-based labels, lists)"
 "$PYTHON" tool/dataset_converters/prepare_ade20k.py "${data_dir}/ADEChallengeData2016"
 
 step "training PyConvSegNet (PyConvResNet-50) from scratch: config/${dataset}/${dataset}_${exp_name}.yaml"
-sh tool/train.sh "${dataset}" "${exp_name}"
+sh tool/train.sh "${dataset}" "${exp_name}" overwrite_run True
 
 step "evaluating on the validation images"
 sh tool/test.sh "${dataset}" "${exp_name}"

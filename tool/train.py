@@ -41,11 +41,14 @@ from util.config import dump_cfg, load_cfg  # noqa: E402
 from util.data.loaders import build_loaders  # noqa: E402
 from util.engine import training, validation  # noqa: E402
 from util.engine.checkpoints import (  # noqa: E402
+    adopt_checkpoint_recipe,
+    epoch_kept_on_interrupt,
     load_resume_checkpoint,
     mid_epoch_resume_state,
     restore_training_state,
     save_checkpoints,
     save_mid_epoch_checkpoint,
+    validation_pending,
 )
 from util.engine.run_checks import check_on_every_rank, check_run_config  # noqa: E402
 from util.runtime import distributed  # noqa: E402
@@ -143,7 +146,10 @@ def run_worker(cfg, spawn_index: Optional[int] = None, status: Optional[RunStatu
 
 
 def fit(cfg, ctx, status: RunStatus) -> Dict[str, Any]:
-    """Set the run up (log, seed, data, model, resume), then train epoch after epoch: train, validate, save."""
+    """Set the run up (log, seed, data, model, resume), then train epoch after epoch: train, validate, save.
+
+    A Ctrl-C during a validation saves that epoch first; the run that resumes from it validates that epoch
+    (without training it again) before the next (util.engine.checkpoints.epoch_kept_on_interrupt)."""
     # The log and the effective config belong to the run, in save_path; they are written only now,
     # after check_run_config accepted the config (a rejected one leaves nothing behind).
     log_path, config_copy = training_log_paths(cfg.save_path, distributed.broadcast_object(timestamp()))
@@ -161,10 +167,10 @@ def fit(cfg, ctx, status: RunStatus) -> Dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    # The checkpoint is read first: a run without manual_seed continues with the seed it started with.
+    # The checkpoint is read first: a resumed run continues with its recipe and seed (unless overridden).
     checkpoint, resume_path = load_resume_checkpoint(cfg, ctx, logger)
-    if checkpoint is not None and cfg.manual_seed is None:
-        cfg.manual_seed = (checkpoint.get("cfg") or {}).get("manual_seed")
+    if checkpoint is not None:
+        adopt_checkpoint_recipe(cfg, checkpoint, resume_path, logger)
     seed = cfg.manual_seed = choose_run_seed(cfg, logger)  # saved with the checkpoints
     if ctx.is_main:
         dump_cfg(cfg, config_copy)  # as the run uses it: overrides applied, seed filled in
@@ -184,14 +190,16 @@ def fit(cfg, ctx, status: RunStatus) -> Dict[str, Any]:
     optim = training.build_optimization(cfg, ctx, model, iters_per_epoch)
     epochs_done, best_miou = cfg.start_epoch, 0.0
     resume_progress, resume_rng = None, None  # a mid-epoch checkpoint: where in the epoch, and each rank's RNG
+    unvalidated = 0  # 1: the checkpoint's epoch is trained, its validation was interrupted
     if checkpoint is not None:
         epochs_done, best_miou = restore_training_state(cfg, checkpoint, resume_path, model, optim, logger)
+        unvalidated = int(validation_pending(cfg, checkpoint, resume_path, logger))
         if checkpoint.get("epoch_progress"):
             resume_progress, resume_rng = mid_epoch_resume_state(checkpoint, resume_path, ctx, iters_per_epoch)
             logger.info(f"{resume_path} was written mid-epoch: epoch {epochs_done + 1} continues after "
                         f"{resume_progress['iteration']}/{iters_per_epoch} iterations")
         del checkpoint
-    if epochs_done >= cfg.epochs:
+    if epochs_done >= cfg.epochs and not unvalidated:
         logger.info(f"nothing to do: {epochs_done} epochs already done of {cfg.epochs}")
     # Also right for a run whose length (epochs, batch size, processes) changed since the checkpoint.
     optim.scheduler.reposition(epochs_done * iters_per_epoch + (resume_progress or {}).get("iteration", 0), max_iter)
@@ -209,13 +217,14 @@ def fit(cfg, ctx, status: RunStatus) -> Dict[str, Any]:
     stop = StopSignals()  # SIGTERM / SIGUSR1 (a cluster preempting the job): finish the iteration, save, exit
     try:
         with stop:
-            for epoch in range(epochs_done, cfg.epochs):  # 0-based; the logs and file names count epoch + 1
+            for epoch in range(epochs_done - unvalidated, cfg.epochs):  # 0-based; logs and files count epoch + 1
                 status.epoch, status.stage = epoch + 1, "training"
                 progress = resume_progress if epoch == epochs_done else None
                 try:
-                    train_stats = training.train_one_epoch(cfg, ctx, train_model, data, optim, epoch, seed, logger,
-                                                           writer, progress=progress,
-                                                           rng=resume_rng if progress else None, stop=stop)
+                    if epoch >= epochs_done:  # else trained already, its validation interrupted: validate it
+                        train_stats = training.train_one_epoch(cfg, ctx, train_model, data, optim, epoch, seed,
+                                                               logger, writer, progress=progress,
+                                                               rng=resume_rng if progress else None, stop=stop)
                 except training.EpochInterrupted as interrupted:
                     path = save_mid_epoch_checkpoint(cfg, ctx, model, optim, epoch, interrupted.progress, best_miou,
                                                      iters_per_epoch, stop, environment=environment)
@@ -224,14 +233,16 @@ def fit(cfg, ctx, status: RunStatus) -> Dict[str, Any]:
                 improved, last_whole = False, None
                 if validation.should_validate(cfg, epoch + 1):
                     status.stage = "validating after"
-                    val_stats = validation.validate(cfg, ctx, model, data, optim, epoch + 1, logger, writer)
+                    with epoch_kept_on_interrupt(cfg, ctx, epoch + 1, model, optim, best_miou, logger, environment):
+                        val_stats = validation.validate(cfg, ctx, model, data, optim, epoch + 1, logger, writer)
                     last_whole = val_stats if cfg.val_mode == "whole" else None
                     improved = val_stats["mIoU"] > best_miou  # NaN never counts as an improvement
                     best_miou = float(val_stats["mIoU"]) if improved else best_miou
                 # a stop signal during validation: this epoch's checkpoint is written whatever save_freq says
                 stopping = stop.agree(distributed.all_gather_object(stop.signum)) and epoch + 1 < cfg.epochs
                 status.stage = "saving checkpoints after"
-                save_checkpoints(cfg, ctx, epoch + 1, model, optim, best_miou, improved, logger, force=stopping,
+                save_checkpoints(cfg, ctx, epoch + 1, model, optim, best_miou, improved, logger,
+                                 force=stopping or epoch < epochs_done,  # the latter: without validation_pending
                                  environment=environment)
                 if stopping:
                     raise stop_error(stop, f"the end of epoch {epoch + 1}", checkpoint_path(cfg.save_path, epoch + 1),

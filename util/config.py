@@ -37,7 +37,7 @@ import importlib
 import importlib.util
 import os
 import sys
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence
 
 import yaml
 
@@ -78,6 +78,9 @@ SCHEMA: Dict[str, Dict[str, Any]] = {
         "channels_last": True,
         "compile": False,
         "keep_checkpoints": 2,
+        # A fresh run (no resume) into a save_path that holds another run's checkpoints is refused;
+        # True starts it anyway and removes that run's checkpoints, best_mIoU.pth and TensorBoard events.
+        "overwrite_run": False,
         # The user's modules to import before the config is read (their registrations and keys):
         # module names or .py files, e.g. [my_losses.py]. See docs/extending.md.
         "custom_imports": None,
@@ -210,7 +213,15 @@ def defaults() -> Dict[str, Any]:
 
 
 class CfgNode(dict):
-    """A flat dict whose keys are also attributes: ``cfg.base_lr == cfg["base_lr"]``."""
+    """A flat dict whose keys are also attributes: ``cfg.base_lr == cfg["base_lr"]``.
+
+    :attr:`overridden` names the keys given as ``KEY VALUE`` overrides (:func:`apply_overrides`); it is
+    not a key, so it is neither dumped nor saved in checkpoints."""
+
+    @property
+    def overridden(self) -> FrozenSet[str]:
+        """The keys set by :func:`apply_overrides` (the command line), whatever the file says."""
+        return self.__dict__.get("_overridden", frozenset())
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -222,7 +233,9 @@ class CfgNode(dict):
         self[name] = value
 
     def __deepcopy__(self, memo):
-        return CfgNode(copy.deepcopy(dict(self), memo))
+        copied = CfgNode(copy.deepcopy(dict(self), memo))
+        copied.__dict__["_overridden"] = self.overridden
+        return copied
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain data (for checkpoints: loadable with ``weights_only=True``)."""
@@ -399,7 +412,8 @@ def import_custom_modules(names: Iterable[str]) -> None:
 
 
 def apply_overrides(cfg: CfgNode, overrides: Sequence[str]) -> CfgNode:
-    """Apply ``KEY VALUE`` pairs in place, type-checked against the current value."""
+    """Apply ``KEY VALUE`` pairs in place, type-checked against the current value; each key joins
+    ``cfg.overridden``."""
     if len(overrides) % 2 != 0:
         raise ConfigError(f"overrides must be KEY VALUE pairs, got an odd number of items: {list(overrides)}")
     for key, text in zip(overrides[0::2], overrides[1::2]):
@@ -413,6 +427,7 @@ def apply_overrides(cfg: CfgNode, overrides: Sequence[str]) -> CfgNode:
         reference = cfg[key] if cfg[key] is not None else defaults().get(key)
         # A key left empty in the YAML and by default accepts any type (as in the release).
         cfg[key] = _check_type(key, value, reference, "override")
+        cfg.__dict__["_overridden"] = cfg.overridden | {key}
     return cfg
 
 

@@ -1,6 +1,7 @@
 """Training checkpoints, in one place: what they hold, when they are written (every ``save_freq``
 epochs, the best, mid-epoch on a stop signal), pruning (``keep_checkpoints``) and resuming from them
-(``resume``: the file, its check, the state it restores, and the position inside an epoch).
+(``resume``: the file, its check, the recipe (:data:`RECIPE_KEYS`) and state it restores, and the position
+inside an epoch).
 
 Their file names are util/runtime/runs.py's; reading and writing the files themselves (safely,
 atomically) is util/runtime/checkpoint_io.py.
@@ -8,12 +9,14 @@ atomically) is util/runtime/checkpoint_io.py.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from typing import Any, Dict, List, Optional, Tuple
 
 from torch import nn
 
+from util.config import validate_cfg
 from util.engine.training import Optimization
-from util.engine.validation import validation_protocol
+from util.engine.validation import should_validate, validation_protocol
 from util.errors import CheckpointError
 from util.runtime import distributed
 from util.runtime.checkpoint_io import (
@@ -29,9 +32,48 @@ from util.runtime.runs import (
     MID_EPOCH_CHECKPOINT_PATTERN,
     checkpoint_path,
     list_epoch_checkpoints,
+    list_event_files,
+    list_run_checkpoints,
     list_training_checkpoints,
 )
 from util.runtime.seeding import rng_state
+
+# The keys that decide a run's training recipe. A resumed run takes them from the checkpoint's saved config
+# (the run it continues), unless given on the command line: the config file alone does not change a recipe
+# half-way (:func:`adopt_checkpoint_recipe`). ``epochs`` is the run's length, not its recipe: resuming with
+# other epochs extends or shortens the run (the schedule is re-positioned to the new length; the log says so).
+RECIPE_KEYS = (
+    "lr_schedule", "warmup_iters", "power",  # schedule
+    "base_lr", "momentum", "weight_decay",  # learning rate and optimiser
+    "loss", "aux_weight", "ohem_thresh", "ohem_min_kept", "class_weight",  # loss
+    "train_h", "train_w", "scale_min", "scale_max", "rotate_min", "rotate_max", "photometric",  # augmentation
+    "precision",
+    "batch_size", "manual_seed",  # batch layout and data order
+)
+
+
+def adopt_checkpoint_recipe(cfg, checkpoint: dict, resume_path: str, logger) -> None:
+    """Before a resumed run builds anything: :data:`RECIPE_KEYS` not given on the command line
+    (``cfg.overridden``) take the checkpoint's saved value, and every key whose value differs from the
+    checkpoint's is logged, one line each (``resume`` itself aside). A checkpoint without a saved config
+    (an older or foreign one) keeps this run's config, and the log says so. Raises ConfigError when the
+    recipe taken over fails this run's checks (e.g. a loss of a ``custom_imports`` module not imported now)."""
+    saved = checkpoint.get("cfg")
+    if not saved:
+        logger.info(f"{resume_path} holds no saved config (an older or foreign checkpoint): the training recipe "
+                    f"is this run's config as it is")
+        return
+    for key in sorted(set(cfg) & set(saved) - {"resume"}):
+        if cfg[key] == saved[key]:
+            continue
+        if key in RECIPE_KEYS and key not in cfg.overridden:
+            logger.info(f"resume: {key} {saved[key]!r} as in the checkpoint's run (this config says {cfg[key]!r}; "
+                        f"give {key} on the command line to change it)")
+            cfg[key] = saved[key]
+        else:
+            source = "from the command line" if key in cfg.overridden else "from this config"
+            logger.info(f"resume: {key} {cfg[key]!r} {source} (the checkpoint's run used {saved[key]!r})")
+    validate_cfg(cfg)
 
 
 def prune_checkpoints(save_path: PathLike, keep: int) -> None:
@@ -152,9 +194,11 @@ def restore_training_state(cfg, checkpoint, resume_path: str, model, optim: Opti
 
 
 def save_checkpoints(cfg, ctx, epochs_done: int, model, optim: Optimization, best_miou: float, improved: bool,
-                     logger, force: bool = False, environment: Optional[dict] = None) -> None:
+                     logger, force: bool = False, validation_pending: bool = False,
+                     environment: Optional[dict] = None) -> None:
     """``train_epoch_N.pth`` every ``save_freq`` epochs, after the last and when ``force`` (a stop signal);
-    ``best_mIoU.pth`` when improved. ``environment``: :func:`make_checkpoint`'s."""
+    ``best_mIoU.pth`` when improved. ``validation_pending`` marks the checkpoint as saved before the epoch's
+    validation finished (:func:`epoch_kept_on_interrupt`). ``environment``: :func:`make_checkpoint`'s."""
     if not ctx.is_main:
         return
     checkpoint = None
@@ -163,6 +207,8 @@ def save_checkpoints(cfg, ctx, epochs_done: int, model, optim: Optimization, bes
         made = make_checkpoint(epochs_done, model, optim.optimizer, optim.scheduler, optim.scaler, best_miou, cfg,
                                environment)
         made["val_protocol"] = validation_protocol(cfg) if cfg.evaluate else None
+        if validation_pending:
+            made["validation_pending"] = True
         return made
 
     if epochs_done % cfg.save_freq == 0 or epochs_done == cfg.epochs or force:
@@ -177,11 +223,59 @@ def save_checkpoints(cfg, ctx, epochs_done: int, model, optim: Optimization, bes
         logger.info(f"new best validation mIoU {best_miou:.4f}: saved {path}")
 
 
+def remove_previous_run(save_path: PathLike, logger) -> List[str]:
+    """For ``overwrite_run True``: delete the checkpoints (training ones and ``best_mIoU.pth``) and TensorBoard
+    events of the run that used ``save_path`` before, so that nothing of it mixes with the new run; its logs
+    and config copies (``train-STAMP.*``, one per start) stay. Says in the log what went; returns the paths."""
+    removed = list_run_checkpoints(save_path) + list_event_files(save_path)
+    for path in removed:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+    if removed:
+        logger.info(f"overwrite_run True: removed the previous run's {', '.join(map(os.path.basename, removed))} "
+                    f"from {os.fspath(save_path)}")
+    return removed
+
+
+@contextmanager
+def epoch_kept_on_interrupt(cfg, ctx, epochs_done: int, model, optim: Optimization, best_miou: float, logger,
+                            environment: Optional[dict] = None):
+    """Around the validation after ``epochs_done`` epochs: a Ctrl-C (KeyboardInterrupt) there first writes
+    ``train_epoch_N.pth`` (whatever ``save_freq`` says), so an epoch whose training finished is never lost.
+
+    That checkpoint holds the best mIoU from before the interrupted validation and ``validation_pending``;
+    ``resume auto`` then validates epoch N before it trains epoch N + 1 (:func:`validation_pending`), so its
+    score, ``best_mIoU.pth`` and the validation curve miss nothing. (SIGTERM / SIGUSR1 let the validation
+    finish and save after it, as before.)"""
+    try:
+        yield
+    except KeyboardInterrupt:
+        logger.info(f"interrupted while validating after epoch {epochs_done}: saving that epoch first")
+        save_checkpoints(cfg, ctx, epochs_done, model, optim, best_miou, False, logger, force=True,
+                         validation_pending=True, environment=environment)
+        raise
+
+
+def validation_pending(cfg, checkpoint: dict, resume_path: str, logger) -> bool:
+    """True when ``checkpoint`` was saved by :func:`epoch_kept_on_interrupt` and this run validates after its
+    epoch: the resumed run validates that epoch before training the next."""
+    pending = bool(checkpoint.get("validation_pending")) and should_validate(cfg, int(checkpoint["epoch"]))
+    if pending:
+        logger.info(f"{resume_path} was saved before its validation finished: validating epoch "
+                    f"{checkpoint['epoch']} first")
+    return pending
+
+
 def load_resume_checkpoint(cfg, ctx, logger):
-    """``(checkpoint, path)`` to resume from (``(None, None)`` for a fresh run); stale partial writes removed."""
+    """``(checkpoint, path)`` to resume from (``(None, None)`` for a fresh run); stale partial writes removed,
+    and for a fresh run with ``overwrite_run`` the previous run's files (:func:`remove_previous_run`)."""
     if ctx.is_main:
         for stale in remove_stale_temporaries(cfg.save_path):
             logger.info(f"removed {stale}: the partial write of a checkpoint by an interrupted run")
+        if cfg.overwrite_run and not cfg.resume:
+            remove_previous_run(cfg.save_path, logger)
     resume_path = distributed.broadcast_object(resume_checkpoint_path(cfg, logger) if ctx.is_main else None)
     if resume_path is None:
         return None, None

@@ -11,7 +11,7 @@ from util.data.preparation import missing_list_hint
 from util.engine.precision import check_device_support
 from util.errors import ConfigError, DataError, EmptyListError
 from util.runtime import distributed
-from util.runtime.runs import check_checkpoint_paths
+from util.runtime.runs import check_checkpoint_paths, list_run_checkpoints
 
 
 def check_writable_dir(path: str) -> None:
@@ -56,7 +56,24 @@ def check_run_config(cfg) -> None:
     check_checkpoint_paths(cfg, ("weight", "pretrained", "resume"))
     if cfg.start_epoch < 0 or cfg.start_epoch >= cfg.epochs:
         raise ConfigError(f"start_epoch must be in [0, epochs), got {cfg.start_epoch} with epochs {cfg.epochs}")
+    check_fresh_run(cfg)
     check_writable_dir(cfg.save_path)
+
+
+def check_fresh_run(cfg) -> None:
+    """A new run (no ``resume``) starts only in a ``save_path`` without another run's checkpoints, unless
+    ``overwrite_run`` (then util.engine.checkpoints.remove_previous_run clears them once the run starts):
+    two runs' checkpoints in one folder would mix (``resume auto`` and tool/test.py would pick either's)."""
+    if cfg.resume:
+        if cfg.overwrite_run:
+            raise ConfigError("overwrite_run True starts a new run, resume continues one: give only one of them")
+        return
+    found = list_run_checkpoints(cfg.save_path)
+    if found and not cfg.overwrite_run:
+        names = ", ".join(os.path.basename(path) for path in found)
+        raise ConfigError(f"save_path {cfg.save_path} holds another run's checkpoints ({names}): 'resume auto' "
+                          f"continues that run, another save_path starts a new one (or overwrite_run True "
+                          f"replaces that run, removing its checkpoints)")
 
 
 def check_on_every_rank(cfg) -> None:

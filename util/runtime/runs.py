@@ -242,6 +242,7 @@ EPOCH_CHECKPOINT_PATTERN = re.compile(r"^train_epoch_(\d+)\.pth$")
 # (the log's "Epoch: [E/..][I/..]"); it holds epoch E - 1 (epochs done) and iteration I.
 MID_EPOCH_CHECKPOINT_PATTERN = re.compile(r"^train_epoch_(\d+)_iter_(\d+)\.pth$")
 BEST_CHECKPOINT = "best_mIoU.pth"
+EVENT_FILE_PREFIX = "events.out.tfevents."  # tensorboardX's SummaryWriter(save_path)
 
 
 def checkpoint_path(save_path: PathLike, epoch: int, iteration: int = 0) -> str:
@@ -262,6 +263,23 @@ def list_training_checkpoints(save_path: PathLike) -> List[Tuple[Tuple[int, int]
             if match and int(match.group(1)) >= 1:
                 found.append(((int(match.group(1)) - 1, int(match.group(2))), os.path.join(save_path, name)))
     return sorted(found)
+
+
+def list_run_checkpoints(save_path: PathLike) -> List[str]:
+    """Every checkpoint a run of tool/train.py leaves in ``save_path``: its training checkpoints (whole-epoch
+    and mid-epoch, oldest first) and ``best_mIoU.pth``. Another run started there would mix with them."""
+    found = [path for _, path in list_training_checkpoints(save_path)]
+    best = os.path.join(os.fspath(save_path), BEST_CHECKPOINT)
+    return found + ([best] if os.path.isfile(best) else [])
+
+
+def list_event_files(save_path: PathLike) -> List[str]:
+    """The TensorBoard event files (``events.out.tfevents.*``) tool/train.py writes in ``save_path``."""
+    save_path = os.fspath(save_path)
+    if not os.path.isdir(save_path):
+        return []
+    return sorted(os.path.join(save_path, name) for name in os.listdir(save_path)
+                  if name.startswith(EVENT_FILE_PREFIX))
 
 
 def list_epoch_checkpoints(save_path: PathLike) -> List[Tuple[int, str]]:
@@ -304,7 +322,7 @@ class RunStatus:
         opts = list(self.opts)
         kept = []
         for key, value in zip(opts[0::2], opts[1::2]):
-            if key.lstrip("-") != "resume":
+            if key.lstrip("-") not in ("resume", "overwrite_run"):  # resuming continues the run, never replaces it
                 kept += [key, value]
         launcher = ["python"] if self.world_size == 1 else ["torchrun", f"--nproc_per_node={self.world_size}"]
         script = os.path.relpath(REPO_ROOT / "tool" / "train.py")  # as typed from this directory
