@@ -272,8 +272,9 @@ def test_torchrun_two_process_camvid_run(tmp_path, camvid_root):
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # plain data only
     assert load_checkpoint_file(path)["epoch"] == 2
     assert set(checkpoint) == {"epoch", "state_dict", "optimizer", "scheduler", "scaler", "best_mIoU", "val_protocol",
-                               "cfg"}
+                               "cfg", "environment"}
     assert checkpoint["scaler"] is None and isinstance(checkpoint["cfg"], dict)
+    assert checkpoint["environment"]["torch"] == torch.__version__  # where the run ran (rank 0's record)
     assert checkpoint["cfg"]["classes"] == 11
 
     reference = build_model(load_cfg(str(config))).state_dict()
