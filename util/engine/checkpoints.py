@@ -79,9 +79,9 @@ def adopt_checkpoint_recipe(cfg, checkpoint: dict, resume_path: str, logger) -> 
 def prune_checkpoints(save_path: PathLike, keep: int) -> None:
     """Delete all but the newest ``keep`` ``train_epoch_N.pth`` files (never ``best_mIoU.pth``), and every
     mid-epoch checkpoint older than the newest training checkpoint (it is only there to be resumed)."""
-    newest = list_training_checkpoints(save_path)[-1:]
-    stale = [path for position, path in list_training_checkpoints(save_path)
-             if MID_EPOCH_CHECKPOINT_PATTERN.match(os.path.basename(path)) and position < newest[0][0]]
+    checkpoints = list_training_checkpoints(save_path)  # oldest first: the last one is the newest
+    stale = [path for position, path in checkpoints
+             if MID_EPOCH_CHECKPOINT_PATTERN.match(os.path.basename(path)) and position < checkpoints[-1][0]]
     for path in [path for _, path in list_epoch_checkpoints(save_path)[:-keep]] + stale:
         try:
             os.remove(path)
