@@ -58,7 +58,7 @@ from util.runtime.cli import (  # noqa: E402
     StopSignals,
     TrainingStopped,
     Uninterruptible,
-    exit_with,  # noqa: E402
+    exit_with,
 )
 from util.runtime.environment import collect_environment, format_environment  # noqa: E402
 from util.runtime.log import get_logger, log_config  # noqa: E402
